@@ -1,0 +1,1 @@
+"""analysis layer of napari-sigmma (see the README architecture section)."""

@@ -1,0 +1,1 @@
+"""io layer of napari-sigmma (see the README architecture section)."""

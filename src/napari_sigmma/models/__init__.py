@@ -1,0 +1,1 @@
+"""models layer of napari-sigmma (see the README architecture section)."""

@@ -1,0 +1,1 @@
+"""tiles layer of napari-sigmma (see the README architecture section)."""

@@ -1,0 +1,1 @@
+"""train layer of napari-sigmma (see the README architecture section)."""

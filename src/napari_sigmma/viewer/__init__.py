@@ -1,0 +1,1 @@
+"""viewer layer of napari-sigmma (see the README architecture section)."""
