@@ -1,0 +1,351 @@
+"""Pyramidal, tiled OME-TIFF writing that stays memory-bounded for whole-slide sizes.
+
+The image is given either as an array or as a callable ``tile_source(y, x, h, w)`` that
+returns the level-0 region ``[y:y+h, x:x+w]``; a 100k x 100k slide can then be written tile
+by tile. Level 0 is streamed straight into the file while the lower levels are built by a
+cascade of 2x2 mean reductions, one tile row of buffer per level. The reduced tiles are
+spooled (lz4-compressed) to a temporary file until tifffile asks for them, because TIFF
+writes level 0 completely before the first sub-resolution.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from napari_sigmma.errors import SigmmaError
+
+TileSource = Callable[[int, int, int, int], np.ndarray]
+
+__all__ = ["TileSource", "pyramid_shapes", "write_pyramidal_ome_tiff"]
+
+
+def pyramid_shapes(
+    height: int, width: int, *, tile: int = 512, levels: int | None = None
+) -> list[tuple[int, int]]:
+    """Level shapes ``(H, W)`` of a 2x pyramid.
+
+    Parameters
+    ----------
+    height, width
+        Level-0 size in pixels.
+    tile
+        Tile size; with ``levels=None`` levels are added until one fits in a single tile.
+    levels
+        Total number of levels including level 0 (``None``: automatic).
+
+    Returns
+    -------
+    list of (H, W), level 0 first; each level is ``ceil`` of half the previous one.
+    """
+    shapes = [(int(height), int(width))]
+    while True:
+        h, w = shapes[-1]
+        if levels is not None:
+            if len(shapes) >= levels:
+                break
+        elif max(h, w) <= tile:
+            break
+        if h == 1 and w == 1:
+            break
+        shapes.append((max(1, math.ceil(h / 2)), max(1, math.ceil(w / 2))))
+    return shapes
+
+
+def _reduce2(block: np.ndarray) -> np.ndarray:
+    """2x2 mean of an (h, w[, c]) block; odd edges repeat their last row/column."""
+    h, w = block.shape[:2]
+    if h % 2 or w % 2:
+        pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (block.ndim - 2)
+        block = np.pad(block, pad, mode="edge")
+    f = block.astype(np.float32)
+    out = (f[0::2, 0::2] + f[1::2, 0::2] + f[0::2, 1::2] + f[1::2, 1::2]) * 0.25
+    if np.issubdtype(block.dtype, np.integer):
+        info = np.iinfo(block.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    return out.astype(block.dtype)
+
+
+class _Spool:
+    """Tiles of one reduced level, lz4-compressed in a temporary file, read back in order."""
+
+    def __init__(self, directory: Path, tile_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self._fh = tempfile.TemporaryFile(dir=directory, prefix=".sigmma-spool-")
+        self._sizes: list[int] = []
+        self._tile_shape = tile_shape
+        self._dtype = dtype
+
+    def put(self, tile_arr: np.ndarray) -> None:
+        import imagecodecs
+
+        data = imagecodecs.lz4_encode(np.ascontiguousarray(tile_arr).tobytes())
+        self._fh.write(data)
+        self._sizes.append(len(data))
+
+    def tiles(self) -> Iterator[np.ndarray]:
+        import imagecodecs
+
+        self._fh.seek(0)
+        for size in self._sizes:
+            raw = imagecodecs.lz4_decode(self._fh.read(size))
+            yield np.frombuffer(raw, dtype=self._dtype).reshape(self._tile_shape)
+        self._fh.close()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class _LevelSink:
+    """Receives full-width tile rows of level k-1, emits tiles of level k to a spool.
+
+    Keeps at most one tile row of level k in memory.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        tile: int,
+        channels: tuple[int, ...],
+        dtype: np.dtype,
+        spool: _Spool,
+        child: _LevelSink | None,
+    ) -> None:
+        self.shape = shape
+        self.tile = tile
+        self.channels = channels
+        self.dtype = dtype
+        self.spool = spool
+        self.child = child
+        self._rows: list[np.ndarray] = []
+        self._nrows = 0
+        self._row_start = 0
+
+    def feed(self, strip: np.ndarray) -> None:
+        # reduce in column blocks: the float copy of a whole-slide-wide strip is large
+        step = 8192
+        reduced = np.concatenate(
+            [_reduce2(strip[:, x : x + step]) for x in range(0, strip.shape[1], step)], axis=1
+        )
+        # the last reduced strip may carry one padded row beyond the level height
+        remaining = self.shape[0] - self._row_start - self._nrows
+        reduced = reduced[:remaining, : self.shape[1]]
+        while reduced.shape[0]:
+            take = min(self.tile - self._nrows, reduced.shape[0])
+            self._rows.append(reduced[:take])
+            self._nrows += take
+            reduced = reduced[take:]
+            if self._nrows == self.tile:
+                self._emit()
+
+    def _emit(self) -> None:
+        if not self._nrows:
+            return
+        row = np.concatenate(self._rows, axis=0) if len(self._rows) > 1 else self._rows[0]
+        t = self.tile
+        for x in range(0, self.shape[1], t):
+            block = row[:, x : x + t]
+            if block.shape[0] != t or block.shape[1] != t:
+                full = np.zeros((t, t, *self.channels), dtype=self.dtype)
+                full[: block.shape[0], : block.shape[1]] = block
+                block = full
+            self.spool.put(block)
+        if self.child is not None:
+            self.child.feed(row)
+        self._row_start += self._nrows
+        self._rows = []
+        self._nrows = 0
+
+    def finish(self) -> None:
+        self._emit()
+        if self.child is not None:
+            self.child.finish()
+
+
+def write_pyramidal_ome_tiff(
+    path: str | os.PathLike[str],
+    image_or_tile_source: np.ndarray | TileSource,
+    *,
+    mpp: float,
+    tile: int = 512,
+    compression: Literal["jpeg", "zlib", "none"] = "jpeg",
+    levels: int | None = None,
+    shape: tuple[int, ...] | None = None,
+    dtype: Any = None,
+    quality: int = 90,
+    channel_names: list[str] | None = None,
+    maxworkers: int = 2,
+) -> Path:
+    """Write a tiled, pyramidal OME-TIFF (BigTIFF, sub-resolutions in SubIFDs).
+
+    Parameters
+    ----------
+    path
+        Output file (``.ome.tif``).
+    image_or_tile_source
+        ``(H, W, C)`` or ``(H, W)`` array, or a callable ``tile_source(y, x, h, w)``
+        returning the level-0 region ``[y:y+h, x:x+w]`` (then ``shape`` is required).
+        Regions are requested one tile row after another, left to right.
+    mpp
+        Level-0 pixel size in µm (written as OME ``PhysicalSizeX/Y`` and TIFF resolution).
+    tile
+        Tile edge in pixels (multiple of 16).
+    compression
+        ``"jpeg"`` (uint8 only; RGB or grey), ``"zlib"`` or ``"none"``.
+    levels
+        Total number of levels including level 0; ``None`` adds 2x levels until the
+        smallest fits in one tile.
+    shape
+        ``(H, W)`` or ``(H, W, C)`` of level 0; required with a tile source.
+    dtype
+        Pixel type for a tile source (default uint8).
+    quality
+        JPEG quality.
+    channel_names
+        OME channel names for a single-sample (grey) image.
+    maxworkers
+        Threads tifffile may use to encode tiles.
+
+    Returns
+    -------
+    Path of the written file.
+    """
+    import tifffile
+
+    path = Path(path)
+    if tile <= 0 or tile % 16:
+        raise SigmmaError(f"tile size must be a positive multiple of 16, got {tile}", path=path)
+    if not mpp or mpp <= 0 or not np.isfinite(mpp):
+        raise SigmmaError(f"pixel size (mpp) must be positive, got {mpp}", path=path)
+
+    if callable(image_or_tile_source):
+        if shape is None:
+            raise SigmmaError("a tile source needs shape=(H, W[, C])", path=path)
+        source: TileSource = image_or_tile_source
+        full_shape = tuple(int(s) for s in shape)
+        np_dtype = np.dtype(dtype or np.uint8)
+    else:
+        arr = np.asarray(image_or_tile_source)
+        if arr.ndim not in (2, 3):
+            raise SigmmaError(f"image must be (H, W) or (H, W, C), got {arr.shape}", path=path)
+        full_shape = arr.shape
+        np_dtype = arr.dtype
+
+        def source(y: int, x: int, h: int, w: int) -> np.ndarray:
+            return arr[y : y + h, x : x + w]
+
+    height, width = full_shape[:2]
+    channels: tuple[int, ...] = tuple(full_shape[2:])
+    if height <= 0 or width <= 0:
+        raise SigmmaError(f"empty image of shape {full_shape}", path=path)
+    if channels and channels[0] not in (1, 3, 4):
+        raise SigmmaError(f"expected 1, 3 or 4 samples per pixel, got {channels[0]}", path=path)
+    rgb = bool(channels) and channels[0] in (3, 4)
+
+    comp: str | None = None if compression == "none" else compression
+    compressionargs: dict[str, Any] | None = None
+    if comp == "jpeg":
+        if np_dtype != np.uint8:
+            raise SigmmaError("JPEG compression needs uint8 pixels; use zlib", path=path)
+        compressionargs = {"level": int(quality)}
+    elif comp == "zlib":
+        compressionargs = {"level": 6}
+    elif comp is not None:
+        raise SigmmaError(f"unknown compression {compression!r}", path=path)
+
+    shapes = pyramid_shapes(height, width, tile=tile, levels=levels)
+    tile_shape = (tile, tile, *channels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    spools = [_Spool(path.parent, tile_shape, np_dtype) for _ in shapes[1:]]
+    sink: _LevelSink | None = None
+    for lvl in range(len(shapes) - 1, 0, -1):
+        sink = _LevelSink(shapes[lvl], tile, channels, np_dtype, spools[lvl - 1], sink)
+
+    def level0_tiles() -> Iterator[np.ndarray]:
+        # tifffile stops pulling after the last tile, so each tile row is read and fed
+        # to the reduction cascade (and the cascade finished) before its tiles are yielded
+        for y in range(0, height, tile):
+            h = min(tile, height - y)
+            row_tiles = []
+            for x in range(0, width, tile):
+                w = min(tile, width - x)
+                region = np.asarray(source(y, x, h, w))
+                if region.shape[:2] != (h, w) or region.shape[2:] != channels:
+                    raise SigmmaError(
+                        f"tile source returned {region.shape} for region y={y} x={x} "
+                        f"h={h} w={w}, expected {(h, w, *channels)}",
+                        path=path,
+                    )
+                row_tiles.append(region.astype(np_dtype, copy=False))
+            if sink is not None:
+                sink.feed(np.concatenate(row_tiles, axis=1))
+                if y + tile >= height:
+                    sink.finish()
+            for region in row_tiles:
+                h, w = region.shape[:2]
+                if (h, w) != (tile, tile):
+                    full = np.zeros(tile_shape, dtype=np_dtype)
+                    full[:h, :w] = region
+                    region = full
+                yield region
+
+    if rgb:
+        axes, photometric = "YXS", "rgb"
+    elif channels:
+        axes, photometric = "YXS", "minisblack"
+    else:
+        axes, photometric = "YX", "minisblack"
+    metadata: dict[str, Any] = {
+        "axes": axes,
+        "PhysicalSizeX": float(mpp),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": float(mpp),
+        "PhysicalSizeYUnit": "µm",
+    }
+    if channel_names and not rgb:
+        metadata["Channel"] = {"Name": list(channel_names)}
+    options: dict[str, Any] = {
+        "tile": (tile, tile),
+        "dtype": np_dtype,
+        "photometric": photometric,
+        "compression": comp,
+        "compressionargs": compressionargs,
+        "resolutionunit": "CENTIMETER",
+        "maxworkers": maxworkers,
+    }
+    if len(channels) and channels[0] == 4:
+        options["extrasamples"] = ["unassalpha"]
+    try:
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+            tif.write(
+                level0_tiles(),
+                shape=(height, width, *channels),
+                subifds=len(shapes) - 1,
+                resolution=(1e4 / mpp, 1e4 / mpp),
+                metadata=metadata,
+                **options,
+            )
+            for lvl, spool in enumerate(spools, start=1):
+                h, w = shapes[lvl]
+                scale = (height / h + width / w) / 2
+                tif.write(
+                    spool.tiles(),
+                    shape=(h, w, *channels),
+                    subfiletype=1,
+                    resolution=(1e4 / (mpp * scale), 1e4 / (mpp * scale)),
+                    metadata=None,
+                    **options,
+                )
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    finally:
+        for spool in spools:
+            spool.close()
+    return path
