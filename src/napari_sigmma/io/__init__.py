@@ -1,1 +1,91 @@
-"""io layer of napari-sigmma (see the README architecture section)."""
+"""Files -> SpatialData: one module per source, and :func:`load_any` to pick the right one.
+
+- :mod:`napari_sigmma.io.wsi` — whole-slide images (SVS, pyramidal TIFF, OME-TIFF, NDPI)
+- :mod:`napari_sigmma.io.xenium` — 10x Xenium output bundles (with the H&E alignment)
+- :mod:`napari_sigmma.io.hest` — HEST-1k Xenium samples
+- :mod:`napari_sigmma.io.store` — SpatialData ``.zarr`` stores
+
+Every reader produces the canonical layout described in ``docs/INTERFACES.md``. Nothing
+heavy is imported here: the readers import spatialdata, dask, ... when called.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from napari_sigmma.errors import SigmmaError
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
+
+__all__ = ["XENIUM_MARKER", "detect_kind", "load_any"]
+
+#: The file that makes a folder a Xenium output bundle.
+XENIUM_MARKER = "experiment.xenium"
+
+
+def detect_kind(path: str | os.PathLike[str]) -> str | None:
+    """What ``path`` is, judged from names only: ``"zarr"``, ``"xenium"``, ``"hest"``,
+    ``"slide"``, or ``None`` when it is none of them."""
+    from napari_sigmma.io.hest import is_hest_folder
+    from napari_sigmma.io.store import is_sdata_store
+    from napari_sigmma.io.wsi import is_slide_file
+
+    p = Path(path)
+    if p.is_dir():
+        if p.suffix == ".zarr" or is_sdata_store(p):
+            return "zarr"
+        if (p / XENIUM_MARKER).is_file():
+            return "xenium"
+        if is_hest_folder(p):
+            return "hest"
+        return None
+    if is_slide_file(p):
+        return "slide"
+    return None
+
+
+def load_any(path: str | os.PathLike[str]) -> SpatialData:
+    """Read whatever ``path`` is into the canonical SpatialData layout.
+
+    - a ``.zarr`` folder (SpatialData store) → :func:`napari_sigmma.io.store.read_sdata`
+    - a folder with ``experiment.xenium`` → :func:`napari_sigmma.io.xenium.read_xenium`
+    - a folder with ``wsis/`` and ``transcripts/`` → :func:`napari_sigmma.io.hest.read_hest`
+    - a slide file → :func:`napari_sigmma.io.wsi.read_slide_sdata`
+
+    Raises
+    ------
+    SigmmaError
+        When the path does not exist or is none of these (or its reader rejects it).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise SigmmaError("not found", path=p)
+    kind = detect_kind(p)
+    if kind == "zarr":
+        from napari_sigmma.io.store import read_sdata
+
+        return read_sdata(p)
+    if kind == "xenium":
+        from napari_sigmma.io.xenium import read_xenium
+
+        return read_xenium(p)
+    if kind == "hest":
+        from napari_sigmma.io.hest import read_hest
+
+        return read_hest(p)
+    if kind == "slide":
+        from napari_sigmma.io.wsi import read_slide_sdata
+
+        return read_slide_sdata(p)
+    if p.is_dir():
+        raise SigmmaError(
+            "not a SpatialData .zarr, a Xenium bundle (experiment.xenium) or a HEST-1k "
+            "folder (wsis/ and transcripts/)",
+            path=p,
+        )
+    raise SigmmaError(
+        "not a slide file (.svs, .tif, .tiff, .ome.tif, .ndpi) or a data folder", path=p
+    )
