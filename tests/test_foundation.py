@@ -27,12 +27,15 @@ def test_cli_help_lists_subcommands() -> None:
         assert name in out
 
 
-def test_cli_reports_sigmma_errors_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["embed", "--data", "/nonexistent/slide", "--checkpoint", "x.pt", "--out", "o"])
+def test_cli_reports_sigmma_errors_in_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-run" / "best.pt"
+    code = main(["embed", "--data", str(tmp_path), "--checkpoint", str(missing), "--out", "o"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
-    assert "/nonexistent/slide" in err
+    assert str(missing) in err
 
 
 def test_parser_has_every_subcommand() -> None:
@@ -99,8 +102,17 @@ def test_manifest_ships_in_the_wheel(tmp_path: Path) -> None:
     import zipfile
 
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w",
-         str(tmp_path), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
         capture_output=True,
         text=True,
         check=False,
