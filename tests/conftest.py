@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import napari_sigmma.viewer  # noqa: F401  (blocks triton before any GL context; see there)
+
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
 os.environ.setdefault("NAPARI_ASYNC", "0")
 

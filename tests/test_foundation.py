@@ -144,3 +144,21 @@ def test_dock_widget_through_the_viewer(make_napari_viewer) -> None:  # noqa: AN
     assert widget.status.text() == NO_MODEL_TEXT
     widget.set_checkpoint("/runs/demo/checkpoints/best.pt")
     assert "best.pt" in widget.status.text()
+
+
+def test_torch_geometric_import_after_gl_context_does_not_crash(tmp_path: Path) -> None:
+    """Mesa's LLVM (software GL) and triton's LLVM clash: the viewer package blocks triton."""
+    script = tmp_path / "gl_then_torch.py"
+    script.write_text(
+        "import numpy as np, napari\n"
+        "v = napari.Viewer(show=False)\n"
+        "v.add_image(np.zeros((8, 8)))\n"
+        "import napari_sigmma.viewer\n"
+        "import torch_geometric, torch._dynamo\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")
