@@ -123,17 +123,17 @@ def test_manifest_ships_in_the_wheel(tmp_path: Path) -> None:
         names = zf.namelist()
         assert "napari_sigmma/napari.yaml" in names
         text = zf.read("napari_sigmma/napari.yaml").decode()
-        entry = [n for n in names if n.endswith("entry_points.txt")][0]
+        entry = next(n for n in names if n.endswith("entry_points.txt"))
         eps = zf.read(entry).decode()
     assert text == (ROOT / "napari.yaml").read_text()
     assert "napari-sigmma = napari_sigmma:napari.yaml" in eps
 
 
-def test_dock_widget_through_the_viewer(make_napari_viewer) -> None:  # noqa: ANN001
+def test_dock_widget_through_the_viewer(make_napari_viewer) -> None:
     from napari_sigmma.viewer.dock import NO_MODEL_TEXT, SigmmaDock
 
     viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
     assert isinstance(widget, SigmmaDock)
     import numpy as np
 
