@@ -1,0 +1,219 @@
+"""Cells of each tile and their proximity graph (the ST side of a paired tile).
+
+A cell belongs to the tile whose half-open bounds contain its centroid. Inside a tile, cells
+get positions in ``[0, 1)`` (x, y), a micro patch index (4×4 grid) and a meso patch index
+(2×2 grid), and a proximity graph: Delaunay triangulation by default (as
+``squidpy.gr.spatial_neighbors(delaunay=True)`` builds), or kNN / radius neighbours.
+Tiles with fewer than ``min_cells`` cells are flagged invalid: kept for display, skipped for
+training and retrieval.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from napari_sigmma.errors import SigmmaError
+
+if TYPE_CHECKING:
+    from napari_sigmma.tiles.grid import TileGrid
+    from napari_sigmma.tiles.paired import PairedSlide
+
+GRAPH_METHODS = ("delaunay", "knn", "radius")
+
+
+def cells_per_tile(cells_px: np.ndarray, grid: TileGrid) -> list[np.ndarray]:
+    """Indices of the cells whose centroid lies inside each tile (level-0 px, half-open)."""
+    owner = grid.locate(cells_px)
+    order = np.argsort(owner, kind="stable")
+    sorted_owner = owner[order]
+    starts = np.searchsorted(sorted_owner, np.arange(len(grid)), side="left")
+    ends = np.searchsorted(sorted_owner, np.arange(len(grid)), side="right")
+    return [order[s:e].astype(np.int64) for s, e in zip(starts, ends, strict=True)]
+
+
+def local_positions(xy_px: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Tile-local ``(x, y)`` in ``[0, 1)`` of level-0 points inside ``bounds`` (x0,y0,x1,y1)."""
+    xy = np.asarray(xy_px, dtype=np.float64).reshape(-1, 2)
+    x0, y0, x1, y1 = (float(v) for v in bounds)
+    pos = (xy - [x0, y0]) / [x1 - x0, y1 - y0]
+    return np.clip(pos, 0.0, np.nextafter(1.0, 0.0))
+
+
+def patch_indices(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Micro (4×4, ``4*floor(4y)+floor(4x)``) and meso (2×2) patch index of each position."""
+    pos = np.asarray(pos, dtype=np.float64).reshape(-1, 2)
+    q4 = np.clip(np.floor(pos * 4), 0, 3).astype(np.int64)
+    q2 = np.clip(np.floor(pos * 2), 0, 1).astype(np.int64)
+    return 4 * q4[:, 1] + q4[:, 0], 2 * q2[:, 1] + q2[:, 0]
+
+
+def _symmetric(pairs: np.ndarray, n: int) -> np.ndarray:
+    """Undirected edge list with both directions, no self loops, no duplicates, sorted."""
+    if pairs.size == 0:
+        return np.zeros((2, 0), dtype=np.int64)
+    pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    both = np.concatenate([pairs, pairs[:, ::-1]], axis=0)
+    key = np.unique(both[:, 0] * n + both[:, 1])
+    return np.stack([key // n, key % n]).astype(np.int64)
+
+
+def tile_graph(
+    local_xy: np.ndarray,
+    *,
+    method: str = "delaunay",
+    k: int = 6,
+    radius: float | None = None,
+    max_dist: float | None = None,
+) -> np.ndarray:
+    """Proximity graph of the points of one tile.
+
+    Parameters
+    ----------
+    local_xy
+        ``(n, 2)`` positions (any unit; ``radius`` and ``max_dist`` are in the same unit).
+    method
+        ``"delaunay"`` (default), ``"knn"`` (``k`` nearest, symmetrised) or ``"radius"``.
+    k
+        Neighbours for ``"knn"``.
+    radius
+        Neighbourhood radius for ``"radius"`` (required there).
+    max_dist
+        Drop edges longer than this (any method); ``None`` keeps all.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, E)`` int64, both directions of every undirected edge.
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(local_xy, dtype=np.float64).reshape(-1, 2)
+    n = xy.shape[0]
+    if method not in GRAPH_METHODS:
+        raise SigmmaError(f"unknown graph method {method!r}; choose one of {GRAPH_METHODS}")
+    if n < 2:
+        return np.zeros((2, 0), dtype=np.int64)
+    if method == "delaunay":
+        if n == 2:
+            pairs = np.array([[0, 1]])
+        else:
+            s = _delaunay_simplices(xy)
+            if s is None:
+                # Degenerate beyond repair (e.g. all points equal): nearest neighbours.
+                return tile_graph(xy, method="knn", k=k, max_dist=max_dist)
+            pairs = np.concatenate([s[:, [0, 1]], s[:, [1, 2]], s[:, [0, 2]]], axis=0)
+    elif method == "knn":
+        kk = int(min(max(k, 1), n - 1))
+        _, nb = cKDTree(xy).query(xy, k=kk + 1)
+        nb = np.asarray(nb).reshape(n, kk + 1)[:, 1:]
+        pairs = np.stack([np.repeat(np.arange(n), kk), nb.ravel()], axis=1)
+    else:
+        if radius is None or radius <= 0:
+            raise SigmmaError("graph method 'radius' needs a positive radius")
+        pairs = cKDTree(xy).query_pairs(float(radius), output_type="ndarray")
+    ei = _symmetric(pairs, n)
+    if max_dist is not None and ei.shape[1]:
+        d = np.linalg.norm(xy[ei[0]] - xy[ei[1]], axis=1)
+        ei = ei[:, d <= max_dist]
+    return ei
+
+
+def _delaunay_simplices(xy: np.ndarray) -> np.ndarray | None:
+    from scipy.spatial import Delaunay, QhullError
+
+    try:
+        return Delaunay(xy).simplices
+    except QhullError:
+        pass
+    try:
+        # Collinear or duplicated points: joggle the input to get a triangulation anyway.
+        return Delaunay(xy, qhull_options="QJ").simplices
+    except QhullError:
+        return None
+
+
+@dataclass
+class TileCells:
+    """The cells of one tile and their graph.
+
+    Attributes
+    ----------
+    tile
+        Index of the tile in its grid.
+    cells
+        ``(n,)`` int64 indices into the slide's cells.
+    pos
+        ``(n, 2)`` float32 tile-local ``(x, y)`` in ``[0, 1)``.
+    micro, meso
+        ``(n,)`` int64 patch indices (0..15, 0..3).
+    edge_index
+        ``(2, E)`` int64 proximity edges (both directions).
+    valid
+        ``n >= min_cells``: used for training and retrieval.
+    """
+
+    tile: int
+    cells: np.ndarray
+    pos: np.ndarray
+    micro: np.ndarray
+    meso: np.ndarray
+    edge_index: np.ndarray
+    valid: bool
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.cells.size)
+
+
+def build_tile_cells(
+    paired: PairedSlide,
+    grid: TileGrid,
+    *,
+    method: str = "delaunay",
+    k: int = 6,
+    radius_um: float = 30.0,
+    max_dist_um: float | None = None,
+    min_cells: int = 3,
+    indices: np.ndarray | None = None,
+) -> list[TileCells]:
+    """Cells, positions, patch indices and proximity graph of every tile (or ``indices``).
+
+    Distances (``radius_um``, ``max_dist_um``) are in µm, so graphs do not depend on the
+    slide's resolution.
+    """
+    per_tile = cells_per_tile(paired.cells_px, grid)
+    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
+    out: list[TileCells] = []
+    tile_um = grid.tile_um
+    for i in idx:
+        cells = per_tile[int(i)]
+        pos = local_positions(paired.cells_px[cells], grid.bounds[int(i)])
+        micro, meso = patch_indices(pos)
+        valid = cells.size >= max(int(min_cells), 1)
+        ei = (
+            tile_graph(
+                pos * tile_um,
+                method=method,
+                k=k,
+                radius=radius_um,
+                max_dist=max_dist_um,
+            )
+            if cells.size >= 2
+            else np.zeros((2, 0), dtype=np.int64)
+        )
+        out.append(
+            TileCells(
+                tile=int(i),
+                cells=cells,
+                pos=pos.astype(np.float32),
+                micro=micro,
+                meso=meso,
+                edge_index=ei,
+                valid=bool(valid),
+            )
+        )
+    return out

@@ -1,0 +1,406 @@
+"""One H&E slide paired with its cells: the object every later step of the tile layer reads.
+
+:class:`PairedSlide` pulls together, from a SpatialData object in the canonical layout
+(``docs/INTERFACES.md``), what tiling and graph building need: a lazy pyramid reader over
+``images["he_image"]`` (the same duck type as :class:`napari_sigmma.io.wsi.Slide`), the
+slide's µm/px, the cell centroids in H&E level-0 pixels, and the counts.
+
+Coordinate chain: cells are in µm; spatialdata-io maps µm to the ``global`` frame with
+``Scale(1/pixel_size)``; the H&E image maps its level-0 pixels to ``global`` with an affine
+``A``. Hence ``he_px = inv(A) @ (um / pixel_size)``. Readers that know the composite matrix
+store it as ``table.uns["sigmma"]["um_to_he_px"]`` (3×3), which wins when present.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_sigmma.errors import SigmmaError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import scipy.sparse as sp
+
+IMAGE_KEY = "he_image"
+TABLE_KEY = "table"
+CELL_SHAPES = ("cell_circles", "cell_boundaries", "nucleus_boundaries")
+
+
+class SdataImage:
+    """Lazy pyramid reader over a multiscale SpatialData image (``DataTree``, ``(c, y, x)``).
+
+    Exposes the :class:`napari_sigmma.io.wsi.Slide` duck type: ``levels`` (dask arrays
+    ``(H, W, 3)`` uint8), ``mpp`` (µm/px of level 0), ``downsamples``, ``shape`` and
+    ``read_region``.
+
+    Parameters
+    ----------
+    image
+        ``sdata.images[...]``: a multiscale ``DataTree`` or a single-scale ``DataArray``.
+    mpp
+        µm per level-0 pixel.
+    """
+
+    def __init__(self, image: Any, mpp: float, *, path: str | None = None) -> None:
+        self.path = path
+        self.mpp = float(mpp)
+        arrays = []
+        if hasattr(image, "children") and len(image.children):
+            # DataTree: scale0, scale1, ... each holding one DataArray.
+            names = sorted(image.children, key=lambda s: int(s.replace("scale", "") or 0))
+            for name in names:
+                node = image[name]
+                var = next(iter(node.data_vars.values())) if hasattr(node, "data_vars") else node
+                arrays.append(var)
+        else:
+            arrays.append(image)
+        self.levels = [self._to_hwc(a) for a in arrays]
+        h0, w0 = self.levels[0].shape[:2]
+        self.shape = (int(h0), int(w0))
+        # Mean of both axes, as io.wsi.Slide does (odd sizes round differently per axis).
+        self.downsamples = [
+            float((h0 / lvl.shape[0] + w0 / lvl.shape[1]) / 2) for lvl in self.levels
+        ]
+        self._memory: dict[int, np.ndarray] = {}
+
+    @property
+    def level_count(self) -> int:
+        """Number of pyramid levels."""
+        return len(self.levels)
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        """``(H, W)`` of a level."""
+        return int(self.levels[level].shape[0]), int(self.levels[level].shape[1])
+
+    def thumbnail_level(self, min_side: int = 1024) -> int:
+        """The coarsest level whose longer side is still at least ``min_side`` pixels."""
+        best = 0
+        for k in range(len(self.levels)):
+            if max(self.level_shape(k)) >= min(min_side, max(self.shape)):
+                best = k
+        return best
+
+    @staticmethod
+    def _to_hwc(arr: Any) -> Any:
+        import dask.array as da
+
+        dims = tuple(getattr(arr, "dims", ("c", "y", "x")))
+        data = getattr(arr, "data", arr)
+        if not isinstance(data, da.Array):
+            data = da.from_array(np.asarray(data), chunks=(-1, 1024, 1024))
+        if dims == ("c", "y", "x"):
+            data = data.transpose(1, 2, 0)
+        elif dims != ("y", "x", "c"):
+            raise SigmmaError(f"H&E image has dims {dims}; expected (c, y, x)")
+        n_c = data.shape[2]
+        if n_c == 1:
+            data = da.concatenate([data] * 3, axis=2)
+        elif n_c == 4:
+            data = data[:, :, :3]
+        elif n_c != 3:
+            raise SigmmaError(f"H&E image has {n_c} channels; expected RGB")
+        if data.dtype != np.uint8:
+            data = da.clip(data, 0, 255).astype(np.uint8)
+        return data
+
+    def level_mpp(self, level: int) -> float:
+        """µm per pixel of pyramid ``level``."""
+        return self.mpp * self.downsamples[level]
+
+    def best_level(self, target_mpp: float) -> int:
+        """The coarsest level that is still at least as fine as ``target_mpp``.
+
+        Reading from a finer level and shrinking keeps detail; when every level is coarser
+        than the target, level 0 (the finest) is used and upsampled.
+        """
+        best = 0
+        for i in range(len(self.levels)):
+            if self.level_mpp(i) <= target_mpp * (1 + 1e-3):
+                best = i
+        return best
+
+    def hold_level(self, level: int, max_bytes: int = 512 * 2**20) -> bool:
+        """Load ``level`` into memory once (when small) so many reads skip dask overhead."""
+        if level in self._memory:
+            return True
+        lvl = self.levels[level]
+        if lvl.size > max_bytes:
+            return False
+        self._memory[level] = np.asarray(lvl.compute())
+        return True
+
+    def release(self, level: int | None = None) -> None:
+        """Drop a level (default: all levels) held in memory by :meth:`hold_level`."""
+        if level is None:
+            self._memory.clear()
+        else:
+            self._memory.pop(level, None)
+
+    def read_region(self, x: int, y: int, w: int, h: int, *, level: int = 0) -> np.ndarray:
+        """Read ``(h, w, 3)`` uint8 at level coordinates; outside the image is white."""
+        x, y, w, h = int(x), int(y), int(w), int(h)
+        out = np.full((max(h, 0), max(w, 0), 3), 255, dtype=np.uint8)
+        src = self._memory.get(level)
+        lvl = self.levels[level] if src is None else src
+        hh, ww = lvl.shape[:2]
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, ww), min(y + h, hh)
+        if x1 > x0 and y1 > y0:
+            block = lvl[y0:y1, x0:x1]
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(
+                block if src is not None else block.compute()
+            )
+        return out
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """A small RGB view of the slide and its downsample factor from level 0."""
+        for i in range(len(self.levels)):
+            lvl = self.levels[i]
+            if max(lvl.shape[:2]) <= max_side:
+                return np.asarray(lvl.compute()), self.downsamples[i]
+        lvl = self.levels[-1]
+        step = math.ceil(max(lvl.shape[:2]) / max_side)
+        return np.asarray(lvl[::step, ::step].compute()), self.downsamples[-1] * step
+
+
+@dataclass
+class PairedSlide:
+    """An H&E slide and its cells in one pixel frame (H&E level 0).
+
+    Attributes
+    ----------
+    name
+        Slide name (used in split files and caches).
+    image
+        Lazy pyramid reader (:class:`SdataImage`, the ``Slide`` duck type).
+    he_mpp
+        µm per H&E level-0 pixel.
+    cells_px
+        ``(N, 2)`` float64 cell centroids ``(x, y)`` in H&E level-0 pixels.
+    counts
+        ``(N, G)`` CSR raw counts (float32).
+    genes
+        Gene names (columns of ``counts``).
+    cell_ids
+        ``(N,)`` cell id strings.
+    obs
+        The table's ``obs`` (cell metadata, e.g. ``cell_type``).
+    node_features
+        ``(N, F)`` user-supplied node features (from ``obsm[node_obsm]``) or ``None``.
+    um_to_he_px
+        3×3 matrix mapping µm to H&E level-0 pixels.
+    he_to_global
+        3×3 matrix mapping H&E level-0 pixels to the ``global`` frame (for writing
+        results back next to the original data).
+    """
+
+    name: str
+    image: SdataImage
+    he_mpp: float
+    cells_px: np.ndarray
+    counts: sp.csr_matrix
+    genes: list[str]
+    cell_ids: np.ndarray
+    obs: pd.DataFrame
+    node_features: np.ndarray | None = None
+    um_to_he_px: np.ndarray = field(default_factory=lambda: np.eye(3))
+    he_to_global: np.ndarray = field(default_factory=lambda: np.eye(3))
+    source: str | None = None
+    _hash: str | None = field(default=None, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.cells_px.shape[0])
+
+    @classmethod
+    def from_sdata(
+        cls,
+        sdata: Any,
+        *,
+        name: str | None = None,
+        node_obsm: str | None = None,
+        image_key: str = IMAGE_KEY,
+        table_key: str = TABLE_KEY,
+        he_mpp: float | None = None,
+    ) -> PairedSlide:
+        """Build the paired view of a canonical SpatialData object.
+
+        Parameters
+        ----------
+        sdata
+            SpatialData with ``images["he_image"]`` and (optionally) ``tables["table"]``.
+        name
+            Slide name; default the sdata path's stem or ``"slide"``.
+        node_obsm
+            Key of ``table.obsm`` holding precomputed node features (e.g. a Novae latent);
+            ``None`` to compute PCA features later.
+        he_mpp
+            Override for the H&E µm/px (otherwise derived from the transforms).
+
+        Raises
+        ------
+        SigmmaError
+            When the image is missing, the table lacks centroids, or ``node_obsm`` is absent.
+        """
+        import scipy.sparse as sp
+
+        path = str(sdata.path) if getattr(sdata, "path", None) else None
+        if image_key not in sdata.images:
+            raise SigmmaError(
+                f"no H&E image {image_key!r} in the SpatialData object "
+                f"(images: {list(sdata.images)})",
+                path=path,
+            )
+        img_el = sdata.images[image_key]
+        he_to_global = _element_affine(img_el)
+        table = sdata.tables.get(table_key) if hasattr(sdata, "tables") else None
+        um_to_he = None
+        if table is not None:
+            sig = table.uns.get("sigmma", {}) if hasattr(table, "uns") else {}
+            if isinstance(sig, dict) and sig.get("um_to_he_px") is not None:
+                um_to_he = np.asarray(sig["um_to_he_px"], dtype=np.float64).reshape(3, 3)
+            else:
+                um_to_global = _um_to_global(sdata, table)
+                um_to_he = np.linalg.inv(he_to_global) @ um_to_global
+            if he_mpp is None and isinstance(sig, dict) and sig.get("he_mpp"):
+                he_mpp = float(sig["he_mpp"])
+        attrs_sig = getattr(sdata, "attrs", {}).get("sigmma", {})
+        if he_mpp is None and um_to_he is None and isinstance(attrs_sig, dict):
+            if attrs_sig.get("he_mpp"):
+                he_mpp = float(attrs_sig["he_mpp"])
+        if he_mpp is None:
+            if um_to_he is None:
+                raise SigmmaError(
+                    "cannot tell the H&E µm/px without a cell table; pass he_mpp", path=path
+                )
+            he_mpp = 1.0 / math.sqrt(abs(np.linalg.det(um_to_he[:2, :2])))
+        if um_to_he is None:
+            um_to_he = np.diag([1.0 / he_mpp, 1.0 / he_mpp, 1.0])
+
+        image = SdataImage(img_el, he_mpp, path=path)
+        if name is None:
+            name = _default_name(path)
+
+        if table is None:
+            n = 0
+            cells_px = np.zeros((0, 2))
+            counts = sp.csr_matrix((0, 0), dtype=np.float32)
+            genes: list[str] = []
+            cell_ids = np.zeros(0, dtype=object)
+            import pandas as pd
+
+            obs = pd.DataFrame()
+            feats = None
+        else:
+            if "spatial" not in table.obsm:
+                raise SigmmaError("cell table has no obsm['spatial'] centroids (µm)", path=path)
+            xy_um = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
+            n = xy_um.shape[0]
+            hom = np.c_[xy_um, np.ones(n)]
+            cells_px = (hom @ um_to_he.T)[:, :2]
+            X = table.X
+            counts = sp.csr_matrix(X, dtype=np.float32) if X is not None else None
+            if counts is None:
+                raise SigmmaError("cell table has no counts matrix X", path=path)
+            genes = [str(g) for g in table.var_names]
+            obs = table.obs.copy()
+            if "cell_id" in obs:
+                cell_ids = obs["cell_id"].astype(str).to_numpy()
+            else:
+                cell_ids = np.asarray(table.obs_names.astype(str))
+            feats = None
+            if node_obsm is not None:
+                if node_obsm not in table.obsm:
+                    raise SigmmaError(
+                        f"node feature key {node_obsm!r} not in table.obsm "
+                        f"(have: {list(table.obsm)})",
+                        path=path,
+                    )
+                feats = np.asarray(table.obsm[node_obsm], dtype=np.float32)
+        return cls(
+            name=name,
+            image=image,
+            he_mpp=float(he_mpp),
+            cells_px=np.ascontiguousarray(cells_px, dtype=np.float64),
+            counts=counts,
+            genes=genes,
+            cell_ids=cell_ids,
+            obs=obs,
+            node_features=feats,
+            um_to_he_px=um_to_he,
+            he_to_global=he_to_global,
+            source=path,
+        )
+
+    def content_hash(self) -> str:
+        """A short hash of what the slide holds (image shape and thumbnail, cells, genes).
+
+        Used to key caches (pre-extracted tiles, backbone features), so a cache is never
+        reused for a different slide with the same name.
+        """
+        if self._hash is None:
+            h = hashlib.sha1()
+            head = (self.image.shape, len(self.image.levels), round(self.he_mpp, 6))
+            h.update(repr(head).encode())
+            coarsest = self.image.levels[-1]
+            step = max(1, math.ceil(max(coarsest.shape[:2]) / 256))
+            h.update(np.ascontiguousarray(coarsest[::step, ::step].compute()).tobytes())
+            h.update(np.round(self.cells_px, 3).tobytes())
+            h.update("\n".join(self.genes).encode())
+            if self.counts.shape[0]:
+                h.update(np.asarray(self.counts.sum(axis=1)).astype(np.float64).tobytes())
+            self._hash = h.hexdigest()[:16]
+        return self._hash
+
+
+def _default_name(path: str | None) -> str:
+    if not path:
+        return "slide"
+    from pathlib import Path
+
+    p = Path(path)
+    return p.stem if p.suffix else p.name
+
+
+def _element_affine(element: Any) -> np.ndarray:
+    """3×3 matrix (x, y) of ``element``'s transformation to ``global`` (identity if none)."""
+    from spatialdata.transformations import get_transformation
+
+    try:
+        t = get_transformation(element, to_coordinate_system="global")
+    except Exception:
+        t = None
+    if t is None:
+        return np.eye(3)
+    m = np.asarray(t.to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), float)
+    return m
+
+
+def _um_to_global(sdata: Any, table: Any) -> np.ndarray:
+    """µm → global: the transformation of the cell shapes the table annotates."""
+    candidates: list[str] = []
+    attrs = table.uns.get("spatialdata_attrs", {}) if hasattr(table, "uns") else {}
+    region = attrs.get("region") if isinstance(attrs, dict) else None
+    if isinstance(region, str):
+        candidates.append(region)
+    elif isinstance(region, list | tuple):
+        candidates.extend(str(r) for r in region)
+    candidates.extend(CELL_SHAPES)
+    for key in candidates:
+        if key in sdata.shapes:
+            return _element_affine(sdata.shapes[key])
+    sig = table.uns.get("sigmma", {})
+    if isinstance(sig, dict) and sig.get("pixel_size"):
+        s = 1.0 / float(sig["pixel_size"])
+        return np.diag([s, s, 1.0])
+    warnings.warn(
+        "no cell shapes to read the µm→global transform from; assuming µm = global units",
+        stacklevel=3,
+    )
+    return np.eye(3)

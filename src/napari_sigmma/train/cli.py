@@ -1,0 +1,218 @@
+"""``napari-sigmma train`` and ``napari-sigmma embed`` (wired in :mod:`napari_sigmma.cli`).
+
+``train`` builds a :class:`~napari_sigmma.train.config.TrainConfig` from ``--config`` (or,
+with ``--resume``, the run folder's ``config.yaml``; else the defaults), applies the flags,
+and runs :func:`~napari_sigmma.train.trainer.train`. The first Ctrl-C asks the trainer to
+stop: it writes a checkpoint and the run can be continued with ``--resume``. Under
+``torchrun`` every process runs this command; only rank 0 prints.
+
+``embed`` loads a checkpoint (``weights_only``), tiles every slide as in training and writes
+tile- and cell-level embeddings at each scale to a SpatialData ``.zarr``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from napari_sigmma.errors import SigmmaError
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _say(*parts: Any) -> None:
+    if _rank() == 0:
+        print(*parts, flush=True)
+
+
+def expand_data(path: str | os.PathLike[str]) -> list[Path]:
+    """A data path, or — for a plain folder — the data sets directly inside it."""
+    from napari_sigmma.io import detect_kind
+
+    p = Path(path)
+    if not p.exists():
+        raise SigmmaError("not found", path=p)
+    if detect_kind(p) is not None:
+        return [p.resolve()]
+    if p.is_dir():
+        found = sorted(c.resolve() for c in p.iterdir() if detect_kind(c) is not None)
+        if found:
+            return found
+    # Let the reader explain what is wrong with it.
+    return [p.resolve()]
+
+
+def build_train_config(args: argparse.Namespace) -> Any:
+    """The TrainConfig for the ``train`` subcommand's arguments."""
+    from napari_sigmma.train.config import TrainConfig
+
+    out = Path(args.out) if getattr(args, "out", None) else None
+    if getattr(args, "config", None):
+        cfg = TrainConfig.from_yaml(args.config)
+    elif getattr(args, "resume", False) and out is not None and (out / "config.yaml").is_file():
+        cfg = TrainConfig.from_yaml(out / "config.yaml")
+    else:
+        cfg = TrainConfig()
+    changes: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    if getattr(args, "data", None):
+        changes["data"] = [str(p) for p in expand_data(args.data)]
+    if out is not None:
+        changes["run_dir"] = str(out)
+    if getattr(args, "epochs", None):
+        changes["epochs"] = int(args.epochs)
+    if getattr(args, "device", None):
+        changes["device"] = str(args.device)
+    if getattr(args, "backbone", None):
+        model["backbone"] = str(args.backbone)
+    if getattr(args, "checkpoint", None):
+        model["checkpoint"] = str(Path(args.checkpoint).resolve())
+    if getattr(args, "finetune", None):
+        model["finetune"] = str(args.finetune)
+    if model:
+        changes["model"] = model
+    return cfg.replace(**changes) if changes else cfg
+
+
+class _Printer:
+    """Console progress for the CLI (rank 0)."""
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = every
+
+    def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
+        if step == 1 or step % self.every == 0:
+            ps = " ".join(f"{k}={v:.3f}" for k, v in parts.items())
+            _say(f"  step {step:5d}  epoch {epoch}  loss {loss:.4f}  ({ps})")
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        msg = f"epoch {epoch}: train loss {metrics.get('train_loss', float('nan')):.4f}"
+        if "val/score" in metrics:
+            msg += f", val mean Recall@5% {metrics['val/score']:.3f}"
+            for s in ("micro", "meso", "macro"):
+                k1, k2 = f"val/{s}/he2st@5", f"val/{s}/st2he@5"
+                if k1 in metrics:
+                    msg += f" | {s} HE→ST {metrics[k1]:.3f} ST→HE {metrics[k2]:.3f}"
+        _say(msg)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Entry of ``napari-sigmma train``; returns the exit code (130 when cancelled)."""
+    from napari_sigmma.train.trainer import train
+
+    cfg = build_train_config(args)
+    if not cfg.data:
+        raise SigmmaError("no data: pass --data")
+    resume = bool(getattr(args, "resume", False))
+    _say(
+        f"training {cfg.model.backbone} ({cfg.model.finetune}) on {len(cfg.data)} slide(s) "
+        f"→ {cfg.run_dir}" + (" (resuming)" if resume else "")
+    )
+    cancel = threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            _say("stopping after this step (checkpointing); Ctrl-C again to abort")
+            cancel.set()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(cfg, callbacks=_Printer(), cancel=cancel, resume=resume)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    _say(
+        f"{result.status}: {result.epoch} epoch(s), {result.global_step} steps, "
+        f"{result.seconds:.0f} s; tiles {result.n_tiles}"
+    )
+    if result.best_checkpoint:
+        _say(f"best checkpoint: {result.best_checkpoint} (epoch {result.best_epoch})")
+    if result.test_metrics:
+        tm = result.test_metrics
+        for s in ("micro", "meso", "macro"):
+            if f"{s}/he2st@5" in tm:
+                _say(
+                    f"  test {s}: HE→ST R@5% {tm[f'{s}/he2st@5']:.3f}, "
+                    f"ST→HE R@5% {tm[f'{s}/st2he@5']:.3f}  (n={tm.get('n_tiles')})"
+                )
+    if result.status == "cancelled":
+        _say(f"resume with: napari-sigmma train --out {cfg.run_dir} --resume")
+        return 130
+    return 0
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint file, or a run folder (its ``best.pt``, else ``last.pt``)."""
+    p = Path(path)
+    if p.is_dir():
+        for cand in (p / "checkpoints" / "best.pt", p / "checkpoints" / "last.pt"):
+            if cand.is_file():
+                return cand
+        raise SigmmaError("no checkpoints/best.pt or last.pt in this run folder", path=p)
+    if not p.is_file():
+        raise SigmmaError("checkpoint not found", path=p)
+    return p
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Entry of ``napari-sigmma embed``."""
+    import spatialdata as sd
+
+    from napari_sigmma.analysis.embed import embed_tiles, embeddings_to_sdata
+    from napari_sigmma.device import resolve_device
+    from napari_sigmma.io import load_any
+    from napari_sigmma.io.store import write_sdata
+    from napari_sigmma.tiles.grid import make_tile_grid
+    from napari_sigmma.tiles.paired import PairedSlide
+    from napari_sigmma.train.config import TrainConfig
+    from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
+
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = TrainConfig.from_dict(dict(ckpt["config"]), path=ckpt_path)
+    model, featurizer = model_from_checkpoint(ckpt)
+    device = resolve_device(getattr(args, "device", None) or "auto")
+    model.to(device).eval()
+    if getattr(args, "scheduler", None):
+        _say("note: --scheduler is not used yet; slides are embedded one after another")
+    paths = expand_data(args.data)
+    parts = []
+    for k, path in enumerate(paths):
+        name = path.stem if path.suffix else path.name
+        paired = PairedSlide.from_sdata(load_any(path), name=name, node_obsm=cfg.node_obsm)
+        grid = make_tile_grid(
+            paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
+        )
+        _say(f"{name}: {len(grid)} tiles, {paired.n_cells} cells")
+        emb = embed_tiles(
+            model,
+            paired,
+            grid,
+            featurizer=featurizer if paired.n_cells else None,
+            settings=graph_settings(cfg),
+            batch_size=8,
+            device=device,
+        )
+        suffix = "" if len(paths) == 1 else f"_{k}"
+        parts.append(
+            embeddings_to_sdata(
+                emb,
+                paired,
+                grid,
+                suffix=suffix,
+                attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
+            )
+        )
+    out = sd.concatenate(parts) if len(parts) > 1 else parts[0]
+    written = write_sdata(out, args.out)
+    _say(f"wrote {written}: " + ", ".join(sorted(out.tables)))
+    return 0
