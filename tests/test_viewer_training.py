@@ -1,0 +1,95 @@
+"""Training widget in a real viewer: progress, cancel with checkpoint, resume, hand-over."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def viewer_with_sample(make_napari_viewer, embedded_bundle: Path):
+    viewer = make_napari_viewer()
+    viewer.open(str(embedded_bundle), plugin="napari-sigmma")
+    return viewer
+
+
+def test_sci_spinbox_keeps_small_learning_rates(qtbot) -> None:
+    from napari_sigmma.viewer.training import SciSpinBox
+
+    box = SciSpinBox(1e-3)
+    qtbot.addWidget(box)
+    box.lineEdit().setText("1e-5")
+    box.interpretText()
+    assert box.value() == pytest.approx(1e-5)
+    assert box.text() == "1e-05"
+    box.stepBy(1)
+    assert box.value() == pytest.approx(1e-4)
+
+
+def test_form_errors_are_shown_not_raised(make_napari_viewer, tmp_path: Path) -> None:
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA training")
+    widget.out.setText(str(tmp_path / "run"))
+    widget.start()  # nothing opened, no folder chosen
+    assert not widget.running
+    assert "no data" in widget.status.text()
+    for box in widget.scale_boxes.values():
+        box.setChecked(False)
+    widget.data.setText(str(tmp_path))
+    widget.start()
+    assert "at least one scale" in widget.status.text()
+
+
+def test_train_cancel_resume_and_load(viewer_with_sample, qtbot, tmp_path: Path) -> None:
+    viewer = viewer_with_sample
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA training")
+    run = tmp_path / "run"
+    widget.out.setText(str(run))
+    widget.epochs.setValue(2)
+    widget.batch.setValue(8)
+    widget.fast.setChecked(True)
+    widget.device.setCurrentText("cpu")
+    assert widget.config().data, "the opened sample is the default data"
+
+    widget.start()
+    assert widget.running
+    qtbot.waitUntil(lambda: len(widget.losses) >= 1, timeout=300_000)
+    t0 = time.monotonic()
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    print(f"cancel took {time.monotonic() - t0:.2f} s")
+    assert widget.error is None, widget.error
+    assert widget.result.status == "cancelled"
+    assert (run / "checkpoints" / "last.pt").is_file()
+    steps_before = widget.result.global_step
+
+    widget.resume_box.setChecked(True)
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=600_000)
+    assert widget.error is None, widget.error
+    assert widget.result.status in {"completed", "early_stopped"}
+    assert widget.result.global_step > steps_before
+    assert widget.epoch_bar.value() == widget.result.epoch
+    # the new checkpoint reached the main dock
+    _, dock = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
+    assert dock.checkpoint is not None and Path(dock.checkpoint).is_file()
+    assert widget.table.rowCount() >= 1
+
+
+def test_close_asks_while_training(viewer_with_sample, qtbot, tmp_path: Path) -> None:
+    viewer = viewer_with_sample
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA training")
+    widget.out.setText(str(tmp_path / "run"))
+    widget.epochs.setValue(50)
+    widget.fast.setChecked(True)
+    widget.device.setCurrentText("cpu")
+    widget.start()
+    qtbot.waitUntil(lambda: widget.running, timeout=10_000)
+    widget.close_answer = False  # the user says "no, keep training"
+    viewer.window._qt_window.close()
+    assert widget.running
+    widget.close_answer = True  # now "yes": training stops with a checkpoint
+    widget.cancel(wait=True, timeout=300)
+    assert not widget.running
