@@ -1,0 +1,220 @@
+"""``napari-sigmma bench``: the live viewer's figures, measured in one run.
+
+On the embedded sample with the demo model (:func:`napari_sigmma.analysis.demo_model.demo_model`):
+
+1. **throughput** — tiles/s of the live pipeline (camera settles → every visible tile's
+   overlays drawn, through the worker thread, caches and layers) against the bare batched
+   image-encoder forward (``backbone_features`` + heads, same tiles, same batch size,
+   images already in memory); the ratio is the pipeline's efficiency;
+2. **event-loop stall** — a 5 ms ``QTimer`` probe runs while the pipeline encodes; the
+   gaps between its ticks give the longest and the 99th-percentile stall of the GUI thread;
+3. **revisit** — pan away from an encoded region and back: time from the camera change to
+   the overlays drawn and painted (memory cache, no encoder call);
+4. **peak RSS** of the process.
+
+Printed and written as JSON (``<out>/bench.json``). This is a measurement, not a timed test:
+the numbers depend on the machine (and, under Xvfb, on software OpenGL).
+
+The Qt part lives in :mod:`napari_sigmma.viewer.livebench` (imported only when run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TARGETS = {"ratio": 0.9, "stall_max_ms": 50.0, "revisit_ms": 100.0}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MB."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports kB, macOS bytes
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def bare_forward_tiles_per_s(engine: Any, indices: list[int], *, repeats: int = 1) -> dict:
+    """Tiles/s of the bare batched image-encoder forward on preloaded tiles.
+
+    The tiles are read first (not timed); then ``backbone_features`` + image heads run in
+    batches of ``engine.batch_size`` under the engine's device and autocast.
+    """
+    import torch
+
+    from napari_sigmma.device import autocast
+    from napari_sigmma.tiles.grid import read_tile
+
+    images = np.stack([read_tile(engine.paired, engine.grid, int(i)) for i in indices])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(engine.device)
+    bs = engine.batch_size
+    model = engine.model
+    with torch.inference_mode(), autocast(engine.device):
+        model.image_heads(model.backbone_features(x[:bs]))  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for k in range(0, x.shape[0], bs):
+                model.image_heads(model.backbone_features(x[k : k + bs]))
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    n = len(indices) * repeats
+    return {"tiles": n, "seconds": dt, "tiles_per_s": n / dt}
+
+
+def _ensure_display() -> Any:
+    """Start an Xvfb server when there is no display (Linux, headless); returns it."""
+    if sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return None
+    import shutil
+    import subprocess
+
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        return None
+    for num in range(90, 120):
+        if Path(f"/tmp/.X11-unix/X{num}").exists():
+            continue
+        proc = subprocess.Popen(
+            [xvfb, f":{num}", "-screen", "0", "1400x1000x24", "-nolisten", "tcp"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(50):
+            if Path(f"/tmp/.X11-unix/X{num}").exists():
+                os.environ["DISPLAY"] = f":{num}"
+                os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+                return proc
+            time.sleep(0.1)
+        proc.terminate()
+    return None
+
+
+def run_bench(
+    out: str | os.PathLike[str] = "bench_out",
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    view_tiles: float = 4.0,
+    batch_size: int = 4,
+) -> dict:
+    """Measure the four figures; returns them (and writes ``<out>/bench.json``).
+
+    Parameters
+    ----------
+    out
+        Output folder.
+    cache_dir
+        Project cache (sample and demo model).
+    device
+        Device for the model.
+    view_tiles
+        Width of the benchmark view in tiles (the encoded region).
+    batch_size
+        Tiles per forward, in both the pipeline and the bare forward.
+    """
+    import tempfile
+
+    from napari_sigmma.analysis.demo_model import demo_model
+    from napari_sigmma.analysis.liverun import load_live_run
+    from napari_sigmma.io import load_any
+    from napari_sigmma.io.sample import embedded_sample
+    from napari_sigmma.tiles.paired import PairedSlide
+    from napari_sigmma.train.trainer import _slide_names
+
+    xvfb = _ensure_display()
+    try:
+        ckpt = demo_model(cache_dir, device=device)
+        sample = embedded_sample(cache_dir=cache_dir)
+        run = load_live_run(ckpt)
+        sdata = load_any(sample)
+        paired = PairedSlide.from_sdata(sdata, name=_slide_names([str(sample)])[0])
+        with tempfile.TemporaryDirectory(prefix="sigmma-bench-") as tmp:
+            engine = run.engine(paired, device=device, cache_dir=tmp, batch_size=batch_size)
+            from napari_sigmma.viewer.livebench import measure_live
+
+            bare_forward_tiles_per_s(engine, [0])  # warm-up (first calls are slow)
+            live = measure_live(engine, sdata, str(sample), run.gene_head, view_tiles=view_tiles)
+            engine.memory.clear()
+            bare = bare_forward_tiles_per_s(engine, live["indices"])
+    finally:
+        if xvfb is not None:
+            xvfb.terminate()
+    ratio = live["pipeline_tiles_per_s"] / bare["tiles_per_s"]
+    result = {
+        "sample": str(sample),
+        "checkpoint": str(ckpt),
+        "backbone": str(run.model.cfg.backbone),
+        "device": str(engine.device),
+        "batch_size": batch_size,
+        "tiles": len(live["indices"]),
+        "pipeline_tiles_per_s": live["pipeline_tiles_per_s"],
+        "bare_encoder_tiles_per_s": bare["tiles_per_s"],
+        "ratio": ratio,
+        "stall_max_ms": live["stall_max_ms"],
+        "stall_p99_ms": live["stall_p99_ms"],
+        "probe_interval_ms": live["probe_interval_ms"],
+        "revisit_ms": live["revisit_ms"],
+        "revisit_ms_all": live["revisit_ms_all"],
+        "slowest_gui_updates_ms": live["handler_ms"],
+        "longest_probe_gaps_ms": live["gaps_top_ms"],
+        "peak_rss_mb": peak_rss_mb(),
+        "targets": TARGETS,
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "qt_platform": os.environ.get("QT_QPA_PLATFORM", ""),
+        },
+    }
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_report(r: dict) -> str:
+    """The four figures as text, each against its target."""
+
+    def ok(flag: bool) -> str:
+        return "meets target" if flag else "misses target"
+
+    t = r["targets"]
+    lines = [
+        f"SIGMMA live viewer bench — {r['backbone']} on {r['device']}, {r['tiles']} tiles, "
+        f"batch {r['batch_size']}",
+        f"(1) throughput: pipeline {r['pipeline_tiles_per_s']:.2f} tiles/s vs bare encoder "
+        f"{r['bare_encoder_tiles_per_s']:.2f} tiles/s → ratio {r['ratio']:.2f} "
+        f"(target ≥ {t['ratio']}: {ok(r['ratio'] >= t['ratio'])})",
+        f"(2) event-loop stall during inference: max {r['stall_max_ms']:.1f} ms, "
+        f"p99 {r['stall_p99_ms']:.1f} ms (probe every {r['probe_interval_ms']:.0f} ms; target "
+        f"max ≤ {t['stall_max_ms']:.0f} ms: {ok(r['stall_max_ms'] <= t['stall_max_ms'])})",
+        f"(3) revisit of a cached region → overlays shown: {r['revisit_ms']:.1f} ms (median "
+        f"of {len(r['revisit_ms_all'])}; target ≤ {t['revisit_ms']:.0f} ms: "
+        f"{ok(r['revisit_ms'] <= t['revisit_ms'])})",
+        f"(4) peak RSS: {r['peak_rss_mb']:.0f} MB",
+    ]
+    return "\n".join(lines)
+
+
+def run_bench_cli(args: argparse.Namespace) -> int:
+    """Entry of ``napari-sigmma bench``."""
+    if getattr(args, "scale", False):
+        print(
+            "napari-sigmma bench --scale: the big-slide memory / retrieval-scale figures are "
+            "not part of this benchmark; running the live-viewer figures.",
+            file=sys.stderr,
+        )
+    out = Path(getattr(args, "out", None) or "bench_out")
+    r = run_bench(out)
+    print(format_report(r))
+    print(f"wrote {out / 'bench.json'}")
+    return 0

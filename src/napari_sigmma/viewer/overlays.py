@@ -1,0 +1,912 @@
+"""napari layers built from the live engine's :class:`TileResult` objects.
+
+Every layer lives in the H&E's physical frame (world = µm, H&E level-0 pixels × ``he_mpp``),
+with the convention of :mod:`napari_sigmma.viewer.layers`: point and vector data are H&E
+level-0 pixels ``(y, x)`` and the layer carries the H&E layer's own data→world transform
+(``scale = (he_mpp, he_mpp)`` as the reader shows it); rasters' pixels are a known number of
+level-0 pixels. Layers are
+named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
+
+- ``SIGMMA clusters micro|meso|macro`` (Labels): image-embedding clusters at 4×4, 2×2, 1×1
+  per tile; label ``i + 1`` = cluster ``i``, colours shared with every other cluster layer;
+- ``SIGMMA cells micro|meso|macro`` (Points): graph node clusters, one point per cell;
+- ``SIGMMA edges micro|meso|macro`` (Vectors): G_micro's proximity edges and the edges the
+  meso / macro edge-addition layers added, opacity from the edge probability; thinned to
+  the most probable ``max_edges`` and hidden by default above ``edge_visible_limit``;
+- ``SIGMMA attention`` (Image ``(heads, y, x)``, a *head* slider): CLS→patch attention of
+  the last ViT block over each tile, each head rescaled to [0, 1] within its tile;
+- ``SIGMMA gene <GENE> predicted`` / ``measured`` (Image): the ridge gene head's prediction
+  (micro-patch resolution) and the measured log1p expression on the same raster.
+
+Only the tiles handed to :meth:`LiveOverlays.show` (the visible ones) are drawn; updates
+write into the existing layers' data (no remove/re-add), so nothing flickers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_sigmma.analysis.clusters import PALETTE, ClusterSet
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_sigmma.analysis.genehead import GeneHead
+    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.tiles.grid import TileGrid
+    from napari_sigmma.tiles.paired import PairedSlide
+
+SCALES = ("micro", "meso", "macro")
+PER_SIDE = {"micro": 4, "meso": 2, "macro": 1}
+PREFIX = "SIGMMA"
+EDGE_RGB = {"micro": (1.0, 1.0, 1.0), "meso": (0.1, 0.9, 1.0), "macro": (1.0, 0.25, 0.85)}
+EDGE_WIDTH_UM = {"micro": 0.8, "meso": 0.6, "macro": 0.5}
+NO_CLUSTER_RGBA = (0.75, 0.75, 0.75, 0.8)
+CROPS = {"micro": slice(0, 16), "meso": slice(16, 20), "macro": slice(20, 21)}
+# largest attention raster kept for the whole grid (heads × rows·h × cols·w values)
+ATTENTION_FULL_MAX = 16_000_000
+CNN_ATTENTION_TEXT = (
+    "No attention maps: the model's backbone is a CNN, which has no attention heads. "
+    "Train with a ViT backbone (uni, uni2-h, vit_small, vit_tiny) to see them."
+)
+
+
+def layer_name(kind: str, scale: str | None = None) -> str:
+    """``SIGMMA <kind>[ <scale>]``."""
+    return f"{PREFIX} {kind}" + (f" {scale}" if scale else "")
+
+
+@dataclass
+class Frame:
+    """The H&E layer's level-0 pixel → world transform, for layers drawn on it.
+
+    Attributes
+    ----------
+    he_mpp
+        µm per H&E level-0 pixel.
+    scale, translate
+        ``(y, x)`` of the H&E layer (world units per level-0 pixel, world offset).
+    affine
+        The H&E layer's affine (``None`` when it is the identity).
+    """
+
+    he_mpp: float
+    scale: np.ndarray
+    translate: np.ndarray
+    affine: np.ndarray | None = None
+
+    @classmethod
+    def from_layer(cls, layer: Any, he_mpp: float) -> Frame:
+        a = np.asarray(layer.affine.affine_matrix, dtype=float)
+        a2 = a[-3:, -3:]
+        return cls(
+            he_mpp=float(he_mpp),
+            scale=np.asarray(layer.scale, dtype=float)[-2:],
+            translate=np.asarray(layer.translate, dtype=float)[-2:],
+            affine=None if np.allclose(a2, np.eye(3)) else a2,
+        )
+
+    @classmethod
+    def microns(cls, he_mpp: float) -> Frame:
+        """The default: world = µm (the H&E shown with ``scale = he_mpp``)."""
+        return cls(float(he_mpp), np.array([he_mpp, he_mpp], float), np.zeros(2))
+
+    def _affine(self, ndim: int) -> np.ndarray | None:
+        if self.affine is None:
+            return None
+        m = np.eye(ndim + 1)
+        m[-3:, -3:] = self.affine
+        return m
+
+    def px_kwargs(self, ndim: int = 2) -> dict[str, Any]:
+        """``scale``/``translate``/``affine`` for layers whose data are level-0 px ``(y, x)``."""
+        lead = [1.0] * (ndim - 2)
+        kw: dict[str, Any] = {
+            "scale": [*lead, *self.scale],
+            "translate": [*([0.0] * (ndim - 2)), *self.translate],
+        }
+        if (aff := self._affine(ndim)) is not None:
+            kw["affine"] = aff
+        return kw
+
+    def raster_kwargs(
+        self, px: float, origin_xy: Sequence[float] = (0.0, 0.0), ndim: int = 2
+    ) -> dict[str, Any]:
+        """Transform of a raster whose pixels are ``px`` level-0 pixels and whose pixel
+        ``[0, 0]`` starts at level-0 ``origin_xy``."""
+        oy, ox = float(origin_xy[1]), float(origin_xy[0])
+        lead = [1.0] * (ndim - 2)
+        kw: dict[str, Any] = {
+            "scale": [*lead, *(self.scale * px)],
+            "translate": [*([0.0] * (ndim - 2)), *(self.scale * [oy, ox] + self.translate)],
+        }
+        if (aff := self._affine(ndim)) is not None:
+            kw["affine"] = aff
+        return kw
+
+
+def label_colormap(n: int) -> Any:
+    """Labels colormap: label ``i + 1`` ↔ palette colour ``i``; 0 transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict[int | None, Any] = {0: np.zeros(4, np.float32), None: np.zeros(4, np.float32)}
+    for i in range(max(int(n), len(PALETTE))):
+        colors[i + 1] = np.r_[PALETTE[i % len(PALETTE)], 1.0].astype(np.float32)
+    return DirectLabelColormap(color_dict=colors)
+
+
+def attention_colormap() -> Any:
+    """Inferno whose opacity rises with the value: weak attention leaves the H&E visible."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    base = ensure_colormap("inferno")
+    x = np.linspace(0.0, 1.0, 32)
+    rgba = np.asarray(base.map(x), dtype=np.float32)
+    rgba[:, 3] = np.clip(x * 1.1, 0.0, 0.8)
+    return Colormap(colors=rgba, controls=x, name="sigmma attention")
+
+
+def point_colours(labels: np.ndarray) -> np.ndarray:
+    """RGBA per point from cluster labels (``-1``: neutral grey)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.tile(np.asarray(NO_CLUSTER_RGBA, np.float32), (labels.size, 1))
+    ok = labels >= 0
+    out[ok, :3] = PALETTE[labels[ok] % len(PALETTE)]
+    out[ok, 3] = 1.0
+    return out
+
+
+class LiveOverlays:
+    """The SIGMMA layers of one viewer and slide, updated in place as results arrive.
+
+    Parameters
+    ----------
+    viewer
+        The napari viewer.
+    frame
+        H&E level-0 → world transform (see :meth:`Frame.from_layer`).
+    grid, paired
+        The slide's grid and cells.
+    provenance
+        Goes into every layer's ``metadata`` (``run``, ``checkpoint_hash``, ``slide``, …).
+    max_edges
+        Most edges drawn per scale (the most probable are kept).
+    edge_visible_limit
+        Edge layers holding more edges than this start hidden.
+    point_size_um
+        Cell point diameter.
+    """
+
+    def __init__(
+        self,
+        viewer: napari.Viewer,
+        frame: Frame,
+        grid: TileGrid,
+        paired: PairedSlide,
+        *,
+        provenance: dict[str, str] | None = None,
+        max_edges: int = 30000,
+        edge_visible_limit: int = 8000,
+        point_size_um: float = 6.0,
+    ) -> None:
+        self.viewer = viewer
+        self.frame = frame
+        self.grid = grid
+        self.paired = paired
+        self.provenance = dict(provenance or {})
+        self.max_edges = int(max_edges)
+        self.edge_visible_limit = int(edge_visible_limit)
+        self.point_size_um = float(point_size_um)
+        self.tiles: dict[str, TileResult] = {}
+        self.clusters: ClusterSet | None = None
+        self.gene_head: GeneHead | None = None
+        self.genes: list[str] = []
+        self.layers: dict[str, Any] = {}
+        self.detail = True
+        self._updating = False
+        self._pending: list[tuple] = []
+        self.messages: list[str] = []
+        self._edge_forced: dict[str, bool] = {}
+        self._dirty: set[str] = set()
+        self._pools: dict[str, _SlotPool] = {}
+        self._setting_visible = False
+        self._att_full = True
+        self._attention_warned = False
+        self._measured: dict[str, np.ndarray] = {}
+        self._gene_limits: dict[str, tuple[float, float]] = {}
+        self._rasters: dict[str, np.ndarray] = {}
+        self._cells_yx = np.asarray(paired.cells_px, dtype=np.float64)[:, ::-1]
+        # first size of the point / edge slot pools: enough for ~64 tiles of cells, so the
+        # layers rarely have to grow while panning
+        mean_cells = paired.n_cells / max(len(grid), 1)
+        self._pool_size = int(min(max(paired.n_cells, 16), max(2048, 96 * mean_cells)))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _meta(self, kind: str, element: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "sigmma_kind": kind,
+            "sdata_element": element,
+            **self.provenance,
+            **extra,
+        }
+
+    def _tile_px(self) -> float:
+        return float(self.grid.tile_size)
+
+    def _raster_shape(self, per_side: int) -> tuple[int, int]:
+        return self.grid.n_rows * per_side, self.grid.n_cols * per_side
+
+    def _rc(self, res: TileResult) -> tuple[int, int]:
+        return int(self.grid.rows[res.index]), int(self.grid.cols[res.index])
+
+    def _insert_below_points(self, layer: Any) -> None:
+        """Keep the SIGMMA layers in one block: rasters under edges, edges under cells."""
+        layers = self.viewer.layers
+        names = [ly.name for ly in layers]
+        first_sigmma = next((i for i, n in enumerate(names) if n.startswith(PREFIX)), None)
+        if first_sigmma is None:
+            layers.append(layer)
+            return
+        # rasters go below the first vector/points SIGMMA layer, others on top of the block
+        if layer.name.startswith((layer_name("edges"), layer_name("cells"))):
+            layers.append(layer)
+        else:
+            pos = next(
+                (
+                    i
+                    for i, n in enumerate(names)
+                    if n.startswith((layer_name("edges"), layer_name("cells")))
+                ),
+                len(names),
+            )
+            layers.insert(pos, layer)
+
+    # -- quiet updates ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _quiet(self, layer: Any) -> Iterator[None]:
+        """Change a layer's data/transform without the viewer recomputing every layer's
+        extent and the dims (the overlays never reach outside the H&E)."""
+        cb = getattr(self.viewer, "_on_layers_change", None)
+        if cb is None:
+            yield
+            return
+        ev = layer.events
+        with ev.data.blocker(cb), ev.translate.blocker(cb), ev.scale.blocker(cb):
+            yield
+
+    def _watch(self, layer: Any) -> None:
+        layer.events.visible.connect(lambda e, ly=layer: self._on_visible(ly))
+
+    def _on_visible(self, layer: Any) -> None:
+        if self._setting_visible or not layer.visible:
+            return
+        name = layer.name
+        if name.startswith(layer_name("edges")):
+            self._edge_forced[layer.metadata.get("scale", "")] = True
+        if name in self._dirty:
+            self._apply(name)
+
+    def _set_visible(self, layer: Any, visible: bool) -> None:
+        self._setting_visible = True
+        try:
+            layer.visible = visible
+        finally:
+            self._setting_visible = False
+
+    def _touch(self, names: Iterable[str]) -> None:
+        """Update the visible layers among ``names`` now; mark the hidden ones."""
+        for name in names:
+            layer = self.layers.get(name)
+            if layer is None:
+                continue
+            if layer.visible or name.startswith(layer_name("edges")):
+                self._apply(name)
+            else:
+                self._dirty.add(name)
+
+    def _apply(self, name: str) -> None:
+        self._dirty.discard(name)
+        layer = self.layers[name]
+        kind = layer.metadata.get("sigmma_kind")
+        if kind == "clusters":
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
+        elif kind == "cell_clusters":
+            self._apply_points(layer)
+        elif kind == "edges":
+            self._apply_edges(layer)
+        elif kind == "attention":
+            self._apply_attention(layer)
+        elif kind in ("gene_predicted", "gene_measured"):
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
+
+    # -- layer creation -------------------------------------------------------------------
+    def _add(self, layer: Any) -> Any:
+        self.layers[layer.name] = layer
+        self._insert_below_points(layer)
+        self._watch(layer)
+        return layer
+
+    def _ensure_layers(self) -> None:
+        from napari.layers import Labels, Points, Vectors
+
+        if layer_name("clusters", "micro") in self.layers:
+            return
+        for s in SCALES:
+            n = PER_SIDE[s]
+            name = layer_name("clusters", s)
+            data = np.zeros(self._raster_shape(n), dtype=np.int32)
+            self._rasters[name] = data
+            layer = Labels(
+                data,
+                name=name,
+                opacity=0.45,
+                visible=(s == "micro"),
+                colormap=label_colormap(self.clusters.n_clusters if self.clusters else 0),
+                metadata=self._meta("clusters", "he_image", scale=s),
+                **self.frame.raster_kwargs(self._tile_px() / n, self.grid.origin),
+            )
+            layer.editable = False
+            self._add(layer)
+        for s in SCALES:
+            layer = Points(
+                np.zeros((0, 2)),
+                name=layer_name("cells", s),
+                size=self.point_size_um / self.frame.he_mpp,
+                border_width=0,
+                face_color="white",
+                opacity=0.9,
+                visible=(s == "micro"),
+                metadata=self._meta("cell_clusters", "table", scale=s),
+                **self.frame.px_kwargs(),
+            )
+            layer.editable = False
+            self._add(layer)
+        for s in SCALES:
+            layer = Vectors(
+                np.zeros((0, 2, 2)),
+                name=layer_name("edges", s),
+                edge_width=EDGE_WIDTH_UM[s] / self.frame.he_mpp,
+                vector_style="line",
+                edge_color=_hex(EDGE_RGB[s]),
+                opacity=0.85,
+                visible=(s == "meso"),
+                metadata=self._meta("edges", "table", scale=s),
+                **self.frame.px_kwargs(),
+            )
+            layer.editable = False
+            self._add(layer)
+
+    def _ensure_attention_layer(self, heads: int, h: int, w: int) -> Any:
+        from napari.layers import Image
+
+        name = layer_name("attention")
+        layer = self.layers.get(name)
+        if layer is not None and layer.data.shape[0] == heads:
+            return layer
+        if layer is not None:
+            self.layers.pop(name)
+            self.viewer.layers.remove(layer)
+        # the whole grid at h×w per tile when that is small; else the visible tiles' box
+        full = heads * self.grid.n_rows * h * self.grid.n_cols * w <= ATTENTION_FULL_MAX
+        shape = (heads, self.grid.n_rows * h, self.grid.n_cols * w) if full else (heads, h, w)
+        self._att_full = full
+        layer = Image(
+            np.zeros(shape, np.float32),
+            name=name,
+            colormap=attention_colormap(),
+            blending="translucent",
+            contrast_limits=(0.0, 1.0),
+            opacity=0.8,
+            visible=False,
+            interpolation2d="linear",
+            metadata=self._meta("attention", "he_image", heads=heads, patch_grid=(h, w)),
+            **self.frame.raster_kwargs(self._tile_px() / h, self.grid.origin, ndim=3),
+        )
+        # a layer with a new (head) axis changes the dims order, and napari then fits the
+        # view to the data: keep the user's camera where it was
+        scene = getattr(self.viewer, "scene", None)
+        cam = scene.camera if scene is not None else self.viewer.camera
+        center, zoom = tuple(cam.center), float(cam.zoom)
+        self._add(layer)
+        dims = self.viewer.dims
+        if dims.ndim == 3 and next(iter(dims.axis_labels)) in ("0", "-3"):
+            dims.axis_labels = ("attention head", *tuple(dims.axis_labels)[1:])
+        cam.center = (
+            center[-len(cam.center) :]
+            if len(center) >= len(cam.center)
+            else (*([0.0] * (len(cam.center) - len(center))), *center)
+        )
+        cam.zoom = zoom
+        return layer
+
+    # -- public API -------------------------------------------------------------------------
+    def show(
+        self,
+        results: Iterable[TileResult],
+        *,
+        keep: Iterable[str] | None = None,
+        detail: bool = True,
+    ) -> None:
+        """Draw ``results``; with ``keep`` given, tiles not in it are removed first.
+
+        Parameters
+        ----------
+        results
+            New or updated tiles.
+        keep
+            The current visible set: shown tiles outside it are cleared from every layer.
+        detail
+            Draw cells, edges and attention too (off when zoomed far out: rasters only).
+        """
+        if self._updating:  # a layer change re-entered us through a camera event
+            self._pending.append((list(results), None if keep is None else list(keep), detail))
+            return
+        self._updating = True
+        try:
+            self._show(list(results), keep, detail)
+            while self._pending:
+                self._show(*self._pending.pop(0))
+        finally:
+            self._updating = False
+
+    def show_with_clusters(
+        self,
+        results: Iterable[TileResult],
+        clusters: ClusterSet,
+        *,
+        keep: Iterable[str] | None = None,
+        detail: bool = True,
+    ) -> None:
+        """New tiles and a refitted cluster set in one pass (one upload per layer)."""
+        self.clusters = clusters
+        keep_list = None if keep is None else list(keep)
+        kept = [r for t, r in self.tiles.items() if keep_list is None or t in set(keep_list)]
+        fresh = {r.tile_id: r for r in [*kept, *results]}
+        if self.tiles and clusters.n_clusters > len(PALETTE):
+            for s in SCALES:
+                name = layer_name("clusters", s)
+                if name in self.layers:
+                    self.layers[name].colormap = label_colormap(clusters.n_clusters)
+        self.show(list(fresh.values()), keep=keep_list, detail=detail)
+
+    def _show(self, results: list[TileResult], keep: Iterable[str] | None, detail: bool) -> None:
+        detail_changed = bool(detail) != self.detail
+        self.detail = bool(detail)
+        removed: list[TileResult] = []
+        if keep is not None:
+            keep_set = set(keep)
+            for t in [t for t in self.tiles if t not in keep_set]:
+                removed.append(self.tiles.pop(t))
+        for r in results:
+            self.tiles[r.tile_id] = r
+        if not results and not removed and not detail_changed:
+            return
+        self._ensure_layers()
+        self._write_clusters(results, removed)
+        self._write_genes(results, removed)
+        names = [layer_name(k, s) for k in ("cells", "edges") for s in SCALES]
+        if any(r.attention is not None for r in [*results, *removed]) or detail_changed:
+            if self._touch_attention_layer() is not None:
+                names.append(layer_name("attention"))
+        self._note_attention()
+        self._touch(names)
+
+    def set_clusters(self, clusters: ClusterSet | None) -> None:
+        """Use a (re)fitted cluster set: recolour every shown tile in place."""
+        self.clusters = clusters
+        if not self.tiles:
+            return
+        self._ensure_layers()
+        if clusters is not None and clusters.n_clusters > len(PALETTE):
+            for s in SCALES:
+                self.layers[layer_name("clusters", s)].colormap = label_colormap(
+                    clusters.n_clusters
+                )
+        self._write_clusters(list(self.tiles.values()), [])
+        self._touch(layer_name("cells", s) for s in SCALES)
+
+    def set_genes(self, genes: Sequence[str], gene_head: GeneHead | None) -> None:
+        """Show predicted and measured maps of ``genes`` (replacing earlier gene layers)."""
+        self.gene_head = gene_head
+        wanted = list(dict.fromkeys(genes)) if gene_head is not None else []
+        if gene_head is not None:
+            gene_head.gene_index(wanted)  # unknown genes raise before anything changes
+        for g in self.genes:
+            if g not in wanted:
+                for which in ("predicted", "measured"):
+                    name = layer_name(f"gene {g} {which}")
+                    layer = self.layers.pop(name, None)
+                    self._rasters.pop(name, None)
+                    self._dirty.discard(name)
+                    if layer is not None and layer in self.viewer.layers:
+                        self.viewer.layers.remove(layer)
+        self.genes = wanted
+        self._write_genes(list(self.tiles.values()), [])
+
+    def clear(self) -> None:
+        """Forget every shown tile (layers stay, emptied)."""
+        self.show([], keep=[])
+
+    def remove_layers(self) -> None:
+        """Take the SIGMMA layers out of the viewer."""
+        for layer in list(self.layers.values()):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self.layers.clear()
+        self._rasters.clear()
+        self._dirty.clear()
+        self.tiles.clear()
+
+    def refresh_all(self) -> None:
+        """Bring every layer (also the hidden ones) up to date."""
+        for name in list(self._dirty):
+            if name in self.layers:
+                self._apply(name)
+
+    # -- rasters ----------------------------------------------------------------------------
+    def _write_raster(
+        self, name: str, blocks: list[tuple[int, int, np.ndarray]], fill: Any
+    ) -> None:
+        """Write per-tile blocks ``(row, col, values (n, n))`` into a raster layer.
+
+        Visible Labels layers get a partial texture update; others are written in place
+        and refreshed when shown.
+        """
+        layer = self.layers[name]
+        data = self._rasters[name]
+        if not blocks:
+            return
+        n = blocks[0][2].shape[0]
+        if layer.visible and layer.metadata.get("sigmma_kind") == "clusters":
+            ys, xs, vs = [], [], []
+            yy, xx = np.mgrid[0:n, 0:n]
+            for rr, cc, vals in blocks:
+                ys.append((rr * n + yy).ravel())
+                xs.append((cc * n + xx).ravel())
+                vs.append(np.asarray(vals).ravel())
+            y, x, v = np.concatenate(ys), np.concatenate(xs), np.concatenate(vs)
+            changed = data[y, x] != v
+            if changed.any():
+                layer.data_setitem((y[changed], x[changed]), v[changed].astype(data.dtype))
+            return
+        for rr, cc, vals in blocks:
+            data[rr * n : (rr + 1) * n, cc * n : (cc + 1) * n] = vals
+        if layer.visible:
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
+        else:
+            self._dirty.add(name)
+
+    def _write_clusters(self, added: list[TileResult], removed: list[TileResult]) -> None:
+        cs = self.clusters
+        for s in SCALES:
+            n = PER_SIDE[s]
+            key = f"he_{s}"
+            blocks = [(*self._rc(r), np.zeros((n, n), np.int32)) for r in removed]
+            for r in added:
+                if cs is not None and key in cs.centroids:
+                    lab = cs.predict(key, r.he_crops[CROPS[s]]) + 1
+                else:
+                    lab = np.zeros(n * n, np.int64)
+                blocks.append((*self._rc(r), lab.reshape(n, n).astype(np.int32)))
+            self._write_raster(layer_name("clusters", s), blocks, 0)
+
+    def _apply_points(self, layer: Any) -> None:
+        s = layer.metadata["scale"]
+        pool = self._pools.get(layer.name) or self._pools.setdefault(
+            layer.name, _SlotPool(layer, dims=1, initial=self._pool_size)
+        )
+        cs = self.clusters
+        key = f"cells_{s}"
+        gen = -1 if cs is None or key not in cs.centroids else cs.generation
+
+        def build(r: TileResult) -> tuple[np.ndarray, np.ndarray]:
+            pos = self._cells_yx[r.cell_index]
+            lab = cs.predict(key, r.nodes[s]) if gen >= 0 else np.full(r.n_cells, -1)
+            return pos, point_colours(lab)
+
+        want = {t: r for t, r in self.tiles.items() if s in r.nodes} if self.detail else {}
+        pool.sync(want, build, generation=gen)
+        layer.metadata["n_cells"] = pool.n_shown
+
+    def _apply_edges(self, layer: Any) -> None:
+        s = layer.metadata["scale"]
+        tiles = self.tiles if self.detail else {}
+        want = {t: r for t, r in tiles.items() if s in r.edges}
+        total = sum(len(r.edges[s][1]) for r in want.values())
+        per_tile = max(16, self.max_edges // max(len(want), 1))
+        n = sum(min(len(r.edges[s][1]), per_tile) for r in want.values())
+        layer.metadata.update({"n_edges": total, "n_drawn": n})
+        if n > self.edge_visible_limit and not self._edge_forced.get(s, False):
+            if layer.visible:
+                self._set_visible(layer, False)
+                self._note(
+                    f"{layer.name}: {n} edges, hidden to keep panning smooth "
+                    "(tick its eye to show them)"
+                )
+            self._dirty.add(layer.name)
+            return
+        if not layer.visible:
+            self._dirty.add(layer.name)
+            return
+        if total > n:
+            self._note(f"{layer.name}: {total} edges, showing the most probable {n}")
+        pool = self._pools.get(layer.name) or self._pools.setdefault(
+            layer.name, _SlotPool(layer, dims=2, initial=4 * self._pool_size)
+        )
+        rgb = EDGE_RGB[s]
+
+        def build(r: TileResult) -> tuple[np.ndarray, np.ndarray]:
+            pairs, prob = r.edges[s]
+            if len(prob) > per_tile:
+                keep = np.argsort(-prob, kind="stable")[:per_tile]
+                pairs, prob = pairs[keep], prob[keep]
+            a = self._cells_yx[pairs[:, 0]]
+            b = self._cells_yx[pairs[:, 1]]
+            rgba = np.zeros((len(prob), 4), np.float32)
+            rgba[:, :3] = rgb
+            # added edges have p in (0.5, 1]: spread that range over the opacity
+            rgba[:, 3] = 0.9 if s == "micro" else np.clip(0.15 + 0.85 * (prob - 0.5) / 0.5, 0.15, 1)
+            return np.stack([a, b - a], axis=1), rgba
+
+        pool.sync(want, build, generation=per_tile)
+
+    def _note_attention(self) -> None:
+        if (
+            self.detail
+            and self.tiles
+            and all(r.attention is None for r in self.tiles.values())
+            and not self._attention_warned
+        ):
+            self._attention_warned = True
+            self._note(CNN_ATTENTION_TEXT)
+
+    def _touch_attention_layer(self) -> Any:
+        with_att = [r for r in self.tiles.values() if r.attention is not None]
+        if not with_att:
+            return self.layers.get(layer_name("attention"))
+        heads, h, w = with_att[0].attention.shape
+        return self._ensure_attention_layer(heads, h, w)
+
+    def _apply_attention(self, layer: Any) -> None:
+        with_att = [r for r in self.tiles.values() if r.attention is not None]
+        if not self.detail:
+            with_att = []
+        heads, h, w = layer.data.shape[0], *layer.metadata["patch_grid"]
+        s = self._tile_px()
+        if self._att_full:
+            stack = layer.data
+            stack[:] = 0
+            r0 = c0 = 0
+        elif with_att:
+            rows = np.array([self._rc(r)[0] for r in with_att])
+            cols = np.array([self._rc(r)[1] for r in with_att])
+            r0, c0 = int(rows.min()), int(cols.min())
+            nr, nc = int(rows.max()) - r0 + 1, int(cols.max()) - c0 + 1
+            stack = np.zeros((heads, nr * h, nc * w), np.float32)
+        else:
+            r0 = c0 = 0
+            stack = np.zeros((heads, h, w), np.float32)
+        for r in with_att:
+            rr, cc = self._rc(r)
+            # each head rescaled to [0, 1] within its tile: where it looks, relative to the
+            # rest of that tile (raw maps of a whole slide span orders of magnitude)
+            a = r.attention.reshape(heads, -1)
+            lo, hi = a.min(axis=1, keepdims=True), a.max(axis=1, keepdims=True)
+            a = ((a - lo) / np.maximum(hi - lo, 1e-12)).reshape(r.attention.shape)
+            y0, x0 = (rr - r0) * h, (cc - c0) * w
+            stack[:, y0 : y0 + h, x0 : x0 + w] = a
+        with self._quiet(layer):
+            if self._att_full:
+                layer.refresh(thumbnail=False, extent=False, highlight=False)
+            else:
+                origin = (self.grid.origin[0] + c0 * s, self.grid.origin[1] + r0 * s)
+                kw = self.frame.raster_kwargs(s / h, origin, ndim=3)
+                layer.data = stack
+                layer.translate = kw["translate"]
+        layer.metadata["tiles"] = sorted(r.tile_id for r in with_att)
+
+    def _note(self, text: str) -> None:
+        if text not in self.messages:
+            self.messages.append(text)
+            del self.messages[:-20]
+
+    # -- genes ------------------------------------------------------------------------------
+    def _gene_layer(self, name: str, per_side: int, kind: str, gene: str) -> Any:
+        from napari.layers import Image
+
+        layer = self.layers.get(name)
+        if layer is None:
+            data = np.full(self._raster_shape(per_side), np.nan, np.float32)
+            self._rasters[name] = data
+            layer = Image(
+                data,
+                name=name,
+                colormap="viridis",
+                opacity=0.75,
+                visible=False,
+                metadata=self._meta(
+                    f"gene_{kind}", "he_image" if kind == "predicted" else "table", gene=gene
+                ),
+                **self.frame.raster_kwargs(self._tile_px() / per_side, self.grid.origin),
+            )
+            self._add(layer)
+        return layer
+
+    def _write_genes(self, added: list[TileResult], removed: list[TileResult]) -> None:
+        head = self.gene_head
+        if head is None or not self.genes:
+            return
+        micro = "micro" in head.maps
+        n = 4 if micro else 1
+        for g, j in zip(self.genes, head.gene_index(self.genes), strict=True):
+            pname = layer_name(f"gene {g} predicted")
+            mname = layer_name(f"gene {g} measured")
+            pred = self._gene_layer(pname, n, "predicted", g)
+            meas = self._gene_layer(mname, n, "measured", g)
+            blocks = [(*self._rc(r), np.full((n, n), np.nan, np.float32)) for r in removed]
+            for r in added:
+                if r.genes_pred is None:
+                    head.apply([r])
+                if micro and r.genes_pred_micro is not None:
+                    vals = r.genes_pred_micro[:, j].reshape(4, 4)
+                else:
+                    vals = np.full((n, n), r.genes_pred[j], np.float32)
+                blocks.append((*self._rc(r), vals))
+            self._write_raster(pname, blocks, np.nan)
+            if g not in self._measured:
+                self._measured[g] = self._measured_map(g, n, head.target_sum)
+                self._gene_limits[g] = _limits(self._measured[g].ravel())
+                self._rasters[mname][:] = self._measured[g]
+                self._touch([mname])
+            if tuple(pred.contrast_limits) != self._gene_limits[g]:
+                # one fixed colour scale per gene (from the measured map), shared by both
+                for ly in (pred, meas):
+                    ly.contrast_limits = self._gene_limits[g]
+
+    def _measured_map(self, gene: str, n: int, target_sum: float) -> np.ndarray:
+        """Measured log1p expression of ``gene`` on every tile (NaN without cells)."""
+        from napari_sigmma.analysis.genehead import measured_expression
+
+        expr, counts = measured_expression(
+            self.paired, self.grid, genes=[gene], target_sum=target_sum, micro=n == 4
+        )
+        out = np.full(self._raster_shape(n), np.nan, np.float32)
+        vals = expr[..., 0]
+        for k in range(len(self.grid)):
+            rr, cc = int(self.grid.rows[k]), int(self.grid.cols[k])
+            v = np.where(counts[k] > 0, vals[k], np.nan).reshape(n, n)
+            out[rr * n : (rr + 1) * n, cc * n : (cc + 1) * n] = v
+        return out
+
+    # -- introspection (tests, status) ------------------------------------------------------
+    @property
+    def updating(self) -> bool:
+        """True while the overlays are being changed (camera events then are ours)."""
+        return self._updating
+
+    def shown_tiles(self) -> set[str]:
+        return set(self.tiles)
+
+
+class _SlotPool:
+    """Fixed slots of a Points or Vectors layer, handed out per tile.
+
+    Rebuilding a points layer's data each time the view moves costs napari a full
+    re-validation; here tiles get slots in a preallocated array, tiles that leave free
+    theirs (hidden: ``shown = False`` for points, zero-length transparent vectors), and
+    one refresh uploads the change. The arrays only grow (doubling) when full.
+    """
+
+    def __init__(self, layer: Any, *, dims: int, initial: int = 256) -> None:
+        self.layer = layer
+        self.initial = max(int(initial), 16)
+        self.vectors = dims == 2
+        self.slots: dict[str, np.ndarray] = {}
+        self.free: list[np.ndarray] = []
+        self.cap = 0
+        self.generation: Any = None
+        self.n_shown = 0
+
+    def _data(self) -> np.ndarray:
+        return self.layer.data
+
+    def _colours(self) -> np.ndarray:
+        return self.layer.edge_color if self.vectors else self.layer.face_color
+
+    def _take(self, n: int) -> np.ndarray | None:
+        free = np.concatenate(self.free) if self.free else np.zeros(0, np.int64)
+        if free.size < n:
+            return None
+        free = np.sort(free)
+        self.free = [free[n:]] if free.size > n else []
+        return free[:n]
+
+    def _grow(self, need: int) -> None:
+        new_cap = max(2 * self.cap, self.cap + need, self.initial)
+        old_data, old_col = self._data(), self._colours()
+        shape = (new_cap, 2, 2) if self.vectors else (new_cap, 2)
+        data = np.zeros(shape, np.float64)
+        cols = np.zeros((new_cap, 4), np.float32)
+        if self.cap:
+            data[: self.cap] = old_data[: self.cap]
+            cols[: self.cap] = old_col[: self.cap]
+        shown = np.zeros(new_cap, bool)
+        if not self.vectors and self.cap:
+            shown[: self.cap] = self.layer.shown[: self.cap]
+        self.free.append(np.arange(self.cap, new_cap))
+        self.cap = new_cap
+        layer = self.layer
+        # one refresh at the end instead of one per property (a vectors layer recomputes its
+        # thumbnail vector by vector on every refresh)
+        block = getattr(layer, "_block_refresh", None)
+        with block() if block is not None else contextlib.nullcontext():
+            layer.data = data
+            if self.vectors:
+                layer.edge_color = cols
+            else:
+                layer.face_color = cols
+                layer.shown = shown
+        layer.refresh(thumbnail=False, extent=False, highlight=False)
+
+    def sync(self, want: dict[str, Any], build: Any, *, generation: Any) -> None:
+        """Show exactly the tiles in ``want``; ``build(result) -> (data, rgba)``."""
+        regen = generation != self.generation
+        self.generation = generation
+        gone = [t for t in self.slots if t not in want or regen]
+        new = [t for t in want if t not in self.slots or regen]
+        if not gone and not new:
+            return
+        for t in gone:
+            self.free.append(self.slots.pop(t))
+        built = {t: build(want[t]) for t in new}
+        need = sum(len(b[0]) for b in built.values())
+        if self.cap == 0 and need == 0:
+            self.n_shown = 0
+            return  # nothing was ever drawn and nothing is to be drawn
+        free_n = sum(len(f) for f in self.free)
+        if need > free_n:
+            self._grow(need - free_n)
+        layer = self.layer
+        data, cols = self._data(), self._colours()
+        hidden = np.concatenate(self.free) if self.free else np.zeros(0, np.int64)
+        if self.vectors and hidden.size:
+            data[hidden] = 0.0
+            cols[hidden, 3] = 0.0
+        for t, (d, c) in built.items():
+            idx = self._take(len(d))
+            self.slots[t] = idx
+            data[idx] = d
+            cols[idx] = c
+        self.n_shown = sum(len(v) for v in self.slots.values())
+        emitter = layer.events.edge_color if self.vectors else layer.events.face_color
+        with emitter.blocker():
+            if self.vectors:
+                layer.edge_color = cols
+            else:
+                layer.face_color = cols
+        if self.vectors:
+            layer.refresh(thumbnail=False, extent=False, highlight=False)
+        else:
+            shown = np.zeros(self.cap, bool)
+            if self.slots:
+                shown[np.concatenate(list(self.slots.values()))] = True
+            layer.shown = shown
+
+
+def _hex(rgb: Sequence[float]) -> str:
+    return "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
+
+
+def _limits(values: np.ndarray) -> tuple[float, float]:
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(np.percentile(v, 1)), float(np.percentile(v, 99))
+    if hi <= lo:
+        hi = lo + 1e-3
+    return lo, hi
