@@ -1,0 +1,611 @@
+"""SIGMMA retrieval widget: click an H&E tile → the tiles whose transcriptomics match it
+(HE→ST), or select cells → the tiles whose histology matches them (ST→HE).
+
+The widget is thin: embeddings, indices, queries and summaries live in
+:mod:`napari_sigmma.analysis.retrieve`. Embeddings come from the live engine
+(:class:`~napari_sigmma.analysis.engine.EmbeddingEngine`): the one the main dock's live view
+uses (``Use live model``), or one built here from a checkpoint. ``Encode whole slide`` encodes
+every tile in a worker (cached tiles cost nothing); tiles the live view encodes are picked up
+as they are shown. Each slide's embeddings are saved as ``retrieval.npz`` in the engine's
+disk-cache folder (next to the per-tile cache), so a second session starts with them.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_sigmma.analysis.retrieve import (
+    RETRIEVAL_FILE,
+    Match,
+    RetrievalStore,
+    SlideEmbeddings,
+    cells_in_polygon,
+    composition,
+    format_pairs,
+    tile_of_cells,
+    top_genes,
+)
+from napari_sigmma.errors import SigmmaError
+
+if TYPE_CHECKING:
+    import napari
+
+    from napari_sigmma.analysis.engine import EmbeddingEngine
+
+RESULTS_LAYER = "SIGMMA retrieval"
+COLUMNS = ("rank", "similarity", "slide", "location (µm)", "cell types", "top genes")
+QUERY_COLOUR = "#ffd400"
+MATCH_COLOUR = "#00e5ff"
+NO_ENGINE_TEXT = (
+    "No model: turn on the live view in the SIGMMA dock and press 'Use live model', or load "
+    "a checkpoint here."
+)
+
+
+def find_live_controller(viewer: Any) -> Any | None:
+    """The :class:`~napari_sigmma.viewer.controller.LiveController` of the viewer's SIGMMA
+    dock, if its live view runs."""
+    window = getattr(viewer, "window", None)
+    docks = getattr(window, "_dock_widgets", None) or {}
+    for dock in list(docks.values()):
+        widget = dock.widget() if hasattr(dock, "widget") else dock
+        candidates = [widget, *(widget.findChildren(QWidget) if widget is not None else [])]
+        for w in candidates:
+            ctrl = getattr(w, "controller", None)
+            if ctrl is not None and getattr(ctrl, "engine", None) is not None:
+                return ctrl
+    return None
+
+
+def _load_engine(checkpoint: str, sdata_path: str, device: str) -> Any:
+    """Worker: the run's engine on the slide at ``sdata_path`` (disk cache next to the data)."""
+    from napari_sigmma.analysis.liverun import load_live_run
+    from napari_sigmma.analysis.tilecache import default_cache_root
+    from napari_sigmma.io import load_any
+    from napari_sigmma.tiles.paired import PairedSlide
+
+    run = load_live_run(checkpoint)
+    paired = PairedSlide.from_sdata(load_any(sdata_path), name=Path(sdata_path).name)
+    return run, run.engine(paired, device=device, cache_dir=default_cache_root(sdata_path))
+
+
+def _encode_all(engine: Any, cancel: threading.Event):
+    """Worker generator: every tile of ``engine``'s grid, yielding ``(results, done, total)``."""
+    ids = list(engine.grid.tile_ids)
+    done = 0
+    for batch in engine.encode(ids, cancel):
+        done += len(batch)
+        yield batch, done, len(ids)
+
+
+class RetrievalWidget(QWidget):
+    """Dock widget for HE→ST and ST→HE tile retrieval.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer (injected by napari).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.store = RetrievalStore()
+        self.engine: EmbeddingEngine | None = None
+        self.image_layer: Any = None
+        self.slide_name = ""
+        self.run: Any = None
+        self.matches: list[Match] = []
+        self.last_query: dict[str, Any] = {}
+        self._workers: list[tuple[Any, threading.Event]] = []
+        self._controller: Any = None
+
+        self.setObjectName("sigmma-retrieval")
+        self.status = QLabel(NO_ENGINE_TEXT)
+        self.status.setWordWrap(True)
+        self.use_live = QPushButton("Use live model")
+        self.use_live.clicked.connect(self.attach_live)
+        self.load_button = QPushButton("Load checkpoint…")
+        self.load_button.clicked.connect(self._choose_checkpoint)
+        self.scale = QComboBox()
+        self.scale.addItems(["micro", "meso", "macro"])
+        self.scale.setCurrentText("macro")
+        self.scale.setToolTip("Embedding scale compared (the contrastive loss aligns each)")
+        self.top_k = QSpinBox()
+        self.top_k.setRange(1, 100)
+        self.top_k.setValue(5)
+        self.encode_button = QPushButton("Encode whole slide")
+        self.encode_button.setToolTip("Encode every tile so that queries search all of them")
+        self.encode_button.clicked.connect(lambda: self.encode_all())
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.ref_button = QPushButton("Add reference slide…")
+        self.ref_button.setToolTip(
+            "A Xenium bundle or SpatialData .zarr, encoded with the same model; its tiles are "
+            "searched too"
+        )
+        self.ref_button.clicked.connect(self._choose_reference)
+        self.cells_button = QPushButton("Selected cells → matching H&E tiles")
+        self.cells_button.setToolTip(
+            "Draw a polygon / lasso on a Shapes layer over the cells (or select points of the "
+            "cells layer), then press: the ST embedding of the tile holding most selected "
+            "cells is compared with the H&E embeddings of every tile"
+        )
+        self.cells_button.clicked.connect(lambda: self.query_selection())
+        self.table = QTableWidget(0, len(COLUMNS))
+        self.table.setHorizontalHeaderLabels(list(COLUMNS))
+        self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.cellClicked.connect(lambda row, _col: self.go_to(row))
+        self.table.horizontalHeader().setStretchLastSection(True)
+
+        form = QFormLayout()
+        form.addRow("Scale", self.scale)
+        form.addRow("Top k", self.top_k)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.use_live)
+        buttons.addWidget(self.load_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("<b>SIGMMA retrieval</b> — select the H&amp;E layer, click a tile"))
+        layout.addLayout(buttons)
+        layout.addLayout(form)
+        layout.addWidget(self.encode_button)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.ref_button)
+        layout.addWidget(self.cells_button)
+        layout.addWidget(self.status)
+        layout.addWidget(self.table, 1)
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    def attach_live(self) -> bool:
+        """Use the engine of the SIGMMA dock's live view (and follow its new tiles)."""
+        ctrl = find_live_controller(self.viewer)
+        if ctrl is None:
+            self._say(NO_ENGINE_TEXT)
+            return False
+        self.set_engine(ctrl.engine, ctrl.image_layer)
+        self._controller = ctrl
+        ctrl.shown.connect(self._on_live_shown)
+        return True
+
+    def _on_live_shown(self, tile_ids: list[str]) -> None:
+        """Tiles the live view drew: add their embeddings (cache lookups, no encoding)."""
+        if self.engine is None:
+            return
+        results = [r for t in tile_ids if (r := self.engine.lookup(t)) is not None]
+        if results:
+            self.store.add_results(self.slide_name, self.engine.paired, self.engine.grid, results)
+
+    def _choose_checkpoint(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "SIGMMA checkpoint", "", "PyTorch checkpoints (*.pt *.pth)"
+        )
+        if path:
+            self.load_checkpoint(path)
+
+    def load_checkpoint(self, checkpoint: str, *, device: str = "auto") -> Any:
+        """Build an engine for the plugin's H&E layer from ``checkpoint`` (in a worker)."""
+        from napari.qt.threading import FunctionWorker
+
+        from napari_sigmma.viewer.dock import find_he_layer
+
+        layer = find_he_layer(self.viewer)
+        if layer is None:
+            self._say("Open a slide with this plugin first (it needs the cells of the slide).")
+            return None
+        self._say("Loading the model and the slide…")
+        worker = FunctionWorker(_load_engine, checkpoint, layer.metadata["sdata_path"], device)
+
+        def ready(out: tuple[Any, Any]) -> None:
+            self.run = out[0]
+            self.set_engine(out[1], layer)
+
+        worker.returned.connect(ready)
+        worker.errored.connect(lambda err: self._say(f"Could not load: {err}"))
+        self._workers.append((worker, threading.Event()))
+        worker.start()
+        return worker
+
+    def set_engine(
+        self, engine: EmbeddingEngine, image_layer: Any, *, slide_name: str | None = None
+    ) -> None:
+        """Query with ``engine``; clicks on ``image_layer`` (the slide's H&E) start queries.
+
+        Embeddings saved by an earlier session (``retrieval.npz`` in the engine's disk-cache
+        folder) and those already in the engine's memory are loaded at once.
+        """
+        if self.image_layer is not None and self._on_click in self.image_layer.mouse_drag_callbacks:
+            self.image_layer.mouse_drag_callbacks.remove(self._on_click)
+        self.engine = engine
+        self.image_layer = image_layer
+        self.slide_name = slide_name or engine.paired.name
+        se = self.store.ensure_slide(self.slide_name, engine.paired, engine.grid)
+        saved = self._saved_path()
+        if saved is not None and saved.is_file():
+            try:
+                old = SlideEmbeddings.load(saved, engine.paired, engine.grid)
+                for s in old.he:
+                    se.he[s].update({k: v for k, v in old.he[s].items() if k not in se.he[s]})
+                    se.st[s].update({k: v for k, v in old.st[s].items() if k not in se.st[s]})
+            except SigmmaError:
+                pass  # a damaged file: re-encode
+        se.add_results(engine.memory_results())
+        image_layer.mouse_drag_callbacks.append(self._on_click)
+        self._say(
+            f"Model ready; {len(se)} of {len(engine.grid)} tiles of {self.slide_name} encoded. "
+            "Click a tile of the H&E."
+        )
+
+    def _saved_path(self) -> Path | None:
+        disk = getattr(self.engine, "disk", None)
+        return None if disk is None else Path(disk.folder) / RETRIEVAL_FILE
+
+    def save(self) -> Path | None:
+        """Write the loaded slide's embeddings next to the engine's disk cache."""
+        path = self._saved_path()
+        if path is None or self.slide_name not in self.store.slides:
+            return None
+        return self.store.slide(self.slide_name).save(path)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode_all(self, *, blocking: bool = False) -> Any:
+        """Encode every tile of the slide (worker with progress; ``blocking``: here, now)."""
+        if self.engine is None:
+            self._say(NO_ENGINE_TEXT)
+            return None
+        eng = self.engine
+        if blocking:
+            for batch, done, total in _encode_all(eng, threading.Event()):
+                self._on_encoded((batch, done, total))
+            self._encoded_done()
+            return None
+        from napari.qt.threading import GeneratorWorker
+
+        cancel = threading.Event()
+        worker = GeneratorWorker(_encode_all, eng, cancel)
+        worker.yielded.connect(self._on_encoded)
+        worker.finished.connect(self._encoded_done)
+        worker.errored.connect(lambda err: self._say(f"Encoding failed: {err}"))
+        self._workers.append((worker, cancel))
+        self.progress.setRange(0, len(eng.grid))
+        self.progress.setValue(0)
+        self.progress.setVisible(True)
+        self.encode_button.setEnabled(False)
+        worker.start()
+        return worker
+
+    def _on_encoded(self, item: tuple[list[Any], int, int]) -> None:
+        batch, done, total = item
+        self.store.add_results(self.slide_name, self.engine.paired, self.engine.grid, batch)
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self._say(f"Encoded {done} / {total} tiles")
+
+    def _encoded_done(self) -> None:
+        self.progress.setVisible(False)
+        self.encode_button.setEnabled(True)
+        self.save()
+        n = len(self.store.slide(self.slide_name)) if self.slide_name in self.store.slides else 0
+        self._say(f"{n} tiles of {self.slide_name} encoded and indexed.")
+
+    def _choose_reference(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Reference Xenium bundle or .zarr")
+        if path:
+            self.add_reference(path)
+
+    def add_reference(self, path: str, *, blocking: bool = False) -> Any:
+        """Encode a reference slide with the same model (worker) and add it to the search.
+
+        Returns the worker, or (``blocking``) the name the slide is indexed under.
+        """
+        if self.engine is None:
+            self._say(NO_ENGINE_TEXT)
+            return None
+        eng = self.engine
+
+        def work() -> tuple[str, Any, Any, list[Any]]:
+            from napari_sigmma.analysis.engine import EmbeddingEngine
+            from napari_sigmma.analysis.tilecache import default_cache_root
+            from napari_sigmma.io import load_any
+            from napari_sigmma.tiles.grid import make_tile_grid
+            from napari_sigmma.tiles.paired import PairedSlide
+
+            paired = PairedSlide.from_sdata(load_any(path), name=Path(path).name)
+            g = eng.grid
+            grid = make_tile_grid(paired, tile_px=g.tile_px, target_mpp=g.target_mpp)
+            ref = EmbeddingEngine(
+                eng.model, paired, grid, featurizer=eng.featurizer,
+                graph_settings=eng.graph_settings, device=eng.device,
+                cache_dir=default_cache_root(path), checkpoint_hash=eng.checkpoint_hash,
+                batch_size=eng.batch_size, attention=False, run=eng.run,
+            )  # fmt: skip
+            results = [r for batch in ref.encode(list(grid.tile_ids)) for r in batch]
+            return paired.name, paired, grid, results
+
+        def done(out: tuple[str, Any, Any, list[Any]]) -> str:
+            name, paired, grid, results = out
+            if name == self.slide_name:
+                name = f"{name} (reference)"
+            self.store.add_results(name, paired, grid, results)
+            self._say(f"Reference slide {name}: {len(results)} tiles indexed.")
+            return name
+
+        if blocking:
+            return done(work())
+        from napari.qt.threading import FunctionWorker
+
+        worker = FunctionWorker(work)
+        worker.returned.connect(done)
+        worker.errored.connect(lambda err: self._say(f"Reference failed: {err}"))
+        self._workers.append((worker, threading.Event()))
+        self._say(f"Encoding reference {path}…")
+        worker.start()
+        return worker
+
+    # -- queries -------------------------------------------------------------------------------
+    def _on_click(self, layer: Any, event: Any):
+        """Mouse callback on the H&E layer: a click (press and release without a drag) in
+        pan/zoom mode queries the tile under the cursor."""
+        if getattr(layer, "mode", "pan_zoom") not in ("pan_zoom", None):
+            return
+        if getattr(event, "button", 1) != 1 or getattr(event, "modifiers", ()):
+            return
+        position = tuple(event.position)
+        dragged = False
+        yield
+        while event.type == "mouse_move":
+            dragged = True
+            yield
+        if not dragged:
+            try:
+                self.query_at_world(position)
+            except SigmmaError as err:
+                self._say(str(err))
+
+    def world_to_px(self, position: Any) -> tuple[float, float]:
+        """A world position → level-0 H&E pixel ``(x, y)``."""
+        data = np.asarray(self.image_layer.world_to_data(position), dtype=float)
+        return float(data[-1]), float(data[-2])
+
+    def query_at_world(self, position: Any) -> list[Match]:
+        """HE→ST for the tile under a world ``position`` (µm of the H&E)."""
+        if self.engine is None:
+            raise SigmmaError(NO_ENGINE_TEXT)
+        x, y = self.world_to_px(position)
+        idx = int(self.engine.grid.locate(np.array([[x, y]]))[0])
+        if idx < 0:
+            raise SigmmaError("no tile there (outside the tissue grid)")
+        return self.query_tile(idx)
+
+    def _ensure_encoded(self, tile_indices: list[int]) -> None:
+        """Encode (now, on this thread) the few tiles a query needs that are not indexed."""
+        se = self.store.slide(self.slide_name)
+        scale = self.scale.currentText()
+        todo = [self.engine.grid.tile_ids[i] for i in tile_indices if i not in se.he[scale]]
+        for batch in self.engine.encode(todo):
+            se.add_results(batch)
+
+    def query_tile(self, tile_index: int) -> list[Match]:
+        """HE→ST: the clicked tile's HE embedding against the ST embeddings of every
+        indexed tile (all slides)."""
+        self._ensure_encoded([tile_index])
+        scale, k = self.scale.currentText(), int(self.top_k.value())
+        matches = self.store.query_he_to_st(self.slide_name, tile_index, scale, k=k)
+        self.last_query = {"direction": "he→st", "tile_index": int(tile_index), "scale": scale}
+        self.show_matches(matches, query_tiles=[tile_index])
+        n = self.store.n_tiles("st", scale)
+        self._say(
+            f"H&E tile {self.engine.grid.tile_ids[tile_index]} → top {len(matches)} of {n} "
+            f"ST tiles ({scale})."
+        )
+        return matches
+
+    def selected_cells(self) -> np.ndarray:
+        """Cells (table rows) selected in the viewer: inside the shapes of the selected
+        Shapes layer (its selected shapes, else all), or the selected points of a cells layer."""
+        from napari.layers import Points, Shapes
+
+        layers = [ly for ly in self.viewer.layers.selection] or [self.viewer.layers[-1]]
+        for layer in layers:
+            if isinstance(layer, Shapes) and layer.name != RESULTS_LAYER and len(layer.data):
+                which = sorted(layer.selected_data) or range(len(layer.data))
+                rows = [self._cells_in_shape(layer, layer.data[i]) for i in which]
+                return np.unique(np.concatenate(rows)) if rows else np.zeros(0, np.int64)
+            if isinstance(layer, Points) and layer.selected_data:
+                sel = np.array(sorted(layer.selected_data), dtype=np.int64)
+                index = layer.metadata.get("obs_index")
+                return np.asarray(index)[sel] if index is not None else sel
+        return np.zeros(0, np.int64)
+
+    def _cells_in_shape(self, layer: Any, verts: np.ndarray) -> np.ndarray:
+        world = np.array([layer.data_to_world(v) for v in np.asarray(verts)])
+        px = np.array([self.world_to_px(w) for w in world])
+        return cells_in_polygon(self.engine.paired, px)
+
+    def query_cells(self, cells: np.ndarray) -> list[Match]:
+        """ST→HE: the ST embedding of the tile holding most of ``cells`` against the HE
+        embeddings of every indexed tile."""
+        if self.engine is None:
+            raise SigmmaError(NO_ENGINE_TEXT)
+        cells = np.asarray(cells, dtype=np.int64)
+        if cells.size == 0:
+            raise SigmmaError("no cells selected: draw a shape over cells, or select points")
+        from napari_sigmma.analysis.retrieve import cell_tiles
+
+        loc = cell_tiles(self.engine.paired, self.engine.grid)[cells]
+        self._ensure_encoded(sorted({int(t) for t in loc if t >= 0}))
+        scale, k = self.scale.currentText(), int(self.top_k.value())
+        se = self.store.slide(self.slide_name)
+        tile = tile_of_cells(self.engine.paired, self.engine.grid, cells, has_st=se.st[scale])
+        matches = self.store.query_st_to_he(self.slide_name, tile, scale, k=k)
+        self.last_query = {
+            "direction": "st→he", "tile_index": tile, "scale": scale, "n_cells": int(cells.size)
+        }  # fmt: skip
+        self.show_matches(matches, query_tiles=[tile])
+        self._say(
+            f"{cells.size} cells → ST of tile {self.engine.grid.tile_ids[tile]} → top "
+            f"{len(matches)} H&E tiles ({scale})."
+        )
+        return matches
+
+    def query_selection(self) -> list[Match]:
+        """ST→HE for the current selection (button)."""
+        try:
+            return self.query_cells(self.selected_cells())
+        except SigmmaError as err:
+            self._say(str(err))
+            return []
+
+    # -- display ---------------------------------------------------------------------------------
+    def _results_layer(self) -> Any:
+        from napari.layers import Shapes
+
+        for layer in self.viewer.layers:
+            if layer.name == RESULTS_LAYER:
+                return layer
+        il = self.image_layer
+        layer = Shapes(
+            name=RESULTS_LAYER,
+            scale=tuple(il.scale[-2:]),
+            translate=tuple(il.translate[-2:]),
+            metadata={"sigmma_kind": "retrieval", "slide": self.slide_name},
+        )
+        self.viewer.add_layer(layer)
+        return layer
+
+    def show_matches(self, matches: list[Match], *, query_tiles: list[int]) -> None:
+        """Outline the query tile(s) and the matches on this slide; fill the table."""
+        self.matches = list(matches)
+        layer = self._results_layer()
+        grid = self.engine.grid
+        rects, edge, text = [], [], []
+        for t in query_tiles:
+            x0, y0, x1, y1 = (float(v) for v in grid.bounds[t])
+            rects.append(np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]]))
+            edge.append(QUERY_COLOUR)
+            text.append("query")
+        for m in matches:
+            if m.slide != self.slide_name:
+                continue
+            x0, y0, x1, y1 = m.box_px
+            pad = 0.04 * (x1 - x0)  # inset, so that a match on the query tile stays visible
+            rects.append(
+                np.array([[y0 + pad, x0 + pad], [y0 + pad, x1 - pad], [y1 - pad, x1 - pad],
+                          [y1 - pad, x0 + pad]])
+            )  # fmt: skip
+            edge.append(MATCH_COLOUR)
+            text.append(f"{m.rank}: {m.similarity:.2f}")
+        layer.data = []
+        if rects:
+            layer.add_rectangles(
+                rects, edge_color=edge, face_color="transparent",
+                edge_width=max(grid.tile_size * 0.02, 1.0),
+            )  # fmt: skip
+            layer.features = {"label": text}
+            layer.text = {"string": "{label}", "color": "white", "size": 10, "anchor": "upper_left"}
+        layer.metadata["matches"] = [(m.slide, m.tile_id, m.similarity) for m in matches]
+        self._fill_table(matches)
+
+    def _fill_table(self, matches: list[Match]) -> None:
+        self.table.setRowCount(len(matches))
+        for row, m in enumerate(matches):
+            se = self.store.slides[m.slide]
+            comp = genes = "—"
+            if se.paired is not None and se.grid is not None:
+                comp = format_pairs(composition(se.paired, se.grid, m.tile_index), percent=True)
+                genes = format_pairs(top_genes(se.paired, se.grid, m.tile_index, n=5))
+            values = (
+                str(m.rank),
+                f"{m.similarity:.3f}",
+                m.slide,
+                f"{m.center_um[0]:.0f}, {m.center_um[1]:.0f}",
+                comp,
+                genes,
+            )
+            for col, v in enumerate(values):
+                item = QTableWidgetItem(v)
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsEditable)
+                self.table.setItem(row, col, item)
+        self.table.resizeColumnsToContents()
+
+    def go_to(self, row: int) -> None:
+        """Centre the camera on the match of table ``row`` (this slide only)."""
+        if not 0 <= row < len(self.matches):
+            return
+        m = self.matches[row]
+        if m.slide != self.slide_name:
+            self._say(f"{m.tile_id} is on reference slide {m.slide}: open it to look there.")
+            return
+        x0, y0, x1, y1 = m.box_px
+        centre = np.array([(y0 + y1) / 2, (x0 + x1) / 2])
+        world = np.asarray(self.image_layer.data_to_world(centre), dtype=float)
+        cam = self.viewer.camera
+        cam.center = (*tuple(cam.center)[: len(cam.center) - 2], *world[-2:])
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def close_workers(self, timeout: float = 30.0) -> None:
+        """Cancel running encodes and wait for them (at most ``timeout`` s each)."""
+        for worker, cancel in self._workers:
+            cancel.set()
+            try:
+                worker.quit()
+            except (AttributeError, RuntimeError):
+                pass
+        from qtpy.QtCore import QThreadPool
+
+        QThreadPool.globalInstance().waitForDone(int(timeout * 1000))
+        self._workers.clear()
+        if self._controller is not None:
+            try:
+                self._controller.shown.disconnect(self._on_live_shown)
+            except (RuntimeError, TypeError):
+                pass
+            self._controller = None
+
+    def closeEvent(self, event: Any) -> None:
+        self.close_workers()
+        if self.image_layer is not None and self._on_click in self.image_layer.mouse_drag_callbacks:
+            self.image_layer.mouse_drag_callbacks.remove(self._on_click)
+        super().closeEvent(event)
+
+
+def save_retrieval_screenshot(viewer: Any, path: str, *, canvas_only: bool = True) -> Path:
+    """Save a screenshot of the viewer showing the retrieval results (zoomed to the query
+    and its matches on this slide when there is a ``SIGMMA retrieval`` layer)."""
+    layer = next((ly for ly in viewer.layers if ly.name == RESULTS_LAYER), None)
+    if layer is not None and len(layer.data):
+        pts = np.concatenate([np.asarray(d) for d in layer.data])
+        world = np.array([layer.data_to_world(p) for p in pts])[:, -2:]
+        lo, hi = world.min(axis=0), world.max(axis=0)
+        cam = viewer.camera
+        cam.center = (*tuple(cam.center)[: len(cam.center) - 2], *((lo + hi) / 2))
+        size = np.asarray(viewer.canvas.size if hasattr(viewer, "canvas") else (600, 800), float)
+        span = np.maximum(hi - lo, 1e-6) * 1.15
+        cam.zoom = float(np.min(size / span))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(out), canvas_only=canvas_only)
+    return out
