@@ -24,6 +24,8 @@ def test_demo_writes_screenshots(tmp_path: Path, embedded_bundle: Path) -> None:
             str(cache),
             "--screenshots",
             str(shots),
+            "--epochs",
+            "1",
         ],
         capture_output=True,
         text=True,
@@ -33,13 +35,29 @@ def test_demo_writes_screenshots(tmp_path: Path, embedded_bundle: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     pngs = sorted(shots.glob("*.png"))
-    assert pngs, proc.stdout
+    names = {p.name for p in pngs}
+    # the data view, one per overlay kind, and the training widget mid-run
+    assert {
+        "01_sample_and_dock.png",
+        "02_clusters.png",
+        "03_learned_edges.png",
+        "04_attention_heads.png",
+        "05_gene_maps.png",
+        "06_training_widget_mid_run.png",
+    } <= names, proc.stdout
     from skimage.io import imread
 
-    img = imread(pngs[0])[..., :3].astype(float)
+    shots_px = {p.name: imread(p)[..., :3].astype(float) for p in pngs}
+    img = shots_px["01_sample_and_dock.png"]
     h, w = img.shape[:2]
     assert w > 800 and h > 500
     assert img.std() > 20  # not a black or blank window
     # the right-hand dock area holds the SIGMMA widget: it is not the canvas's black
     right = img[:, int(0.8 * w) :]
     assert right.mean() > 20
+    # each overlay kind changes what the canvas shows
+    for name in ("02_clusters.png", "03_learned_edges.png", "04_attention_heads.png"):
+        other = shots_px[name]
+        assert other.shape == img.shape
+        assert other.std() > 20
+        assert np.abs(other - shots_px["05_gene_maps.png"]).mean() > 1.0

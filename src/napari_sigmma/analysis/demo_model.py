@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
-DEMO_VERSION = 1
-DEMO_EPOCHS = 4
+DEMO_VERSION = 2
+DEMO_EPOCHS = 6
 
 
 def demo_run_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -69,14 +69,17 @@ def train_demo(
     from napari_sigmma.train.config import TrainConfig
     from napari_sigmma.train.trainer import _slide_names, train
 
-    model = ModelConfig(backbone="vit_tiny", pretrained=False, finetune="frozen", embed_dim=64,
-                        hidden=64, head_hidden=128)  # fmt: skip
+    # The whole ViT is trained (one pass per tile, region-pooled crops) so the attention
+    # heads the viewer shows are a trained model's, not a random initialisation's.
+    model = ModelConfig(backbone="vit_tiny", pretrained=False, finetune="full", embed_dim=64,
+                        hidden=64, head_hidden=128, fast_multicrop=True)  # fmt: skip
     cfg = TrainConfig(
         data=[str(sample)],
         run_dir=str(run),
         epochs=int(epochs),
         batch_size=8,
         lr=2e-3,
+        backbone_lr=5e-4,
         warmup_steps=2,
         patience=epochs,
         n_pca=16,
@@ -84,7 +87,7 @@ def train_demo(
         device=device,
         model=model,
     )
-    result = train(cfg)
+    result = train(cfg, callbacks=[_Progress(int(epochs))])
     ckpt = result.best_checkpoint or result.last_checkpoint
     if ckpt is None:
         raise RuntimeError(f"demo training wrote no checkpoint ({result.status})")
@@ -92,3 +95,22 @@ def train_demo(
     paired = PairedSlide.from_sdata(load_any(sample), name=_slide_names([str(sample)])[0])
     fit_run_gene_head(live, paired, device=device)
     return Path(ckpt)
+
+
+class _Progress:
+    """Prints the demo model's training progress (first run only)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
+        print(f"  demo model: epoch {epoch + 1}/{self.epochs} step {step} loss {loss:.3f}",
+              flush=True)  # fmt: skip
+
+    def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        r = metrics.get("macro/he2st@5")
+        extra = f", val HE->ST R@5% {r:.2f}" if r is not None else ""
+        print(f"  demo model: epoch {epoch + 1}/{self.epochs} done{extra}", flush=True)
+
+    def on_checkpoint(self, path: object) -> None:
+        pass
