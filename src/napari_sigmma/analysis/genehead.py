@@ -167,6 +167,9 @@ class GeneHead:
                 )
             except KeyError as err:
                 raise SigmmaError(f"not a gene head file (missing {err})", path=path) from err
+            except (ValueError, TypeError) as err:
+                # e.g. object arrays, refused by allow_pickle=False (a pickle never runs)
+                raise SigmmaError(f"not a gene head file ({err})", path=path) from err
 
 
 def default_genes(paired: PairedSlide) -> list[str]:

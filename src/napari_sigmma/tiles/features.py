@@ -172,9 +172,24 @@ class NodeFeaturizer:
                     f"obsm[{self.obsm_key!r}] has {f.shape[1]} columns, expected {self.n_obsm}",
                     path=paired.source,
                 )
+            bad = ~np.isfinite(f).all(axis=1)
+            if bad.any():
+                raise SigmmaError(
+                    f"obsm[{self.obsm_key!r}] holds NaN or inf node features in "
+                    f"{int(bad.sum())} cell(s)",
+                    path=paired.source,
+                )
             return f
         if paired.n_cells == 0:
             return np.zeros((0, self.n_features), dtype=np.float32)
+        # A partly different panel is aligned (missing genes count 0); a disjoint one would
+        # silently give every cell the same features, so it is refused.
+        if not set(self.genes) & set(paired.genes):
+            raise SigmmaError(
+                f"the slide's {len(paired.genes)} genes share none with the model's "
+                f"{len(self.genes)}-gene panel (e.g. {', '.join(self.genes[:3])})",
+                path=paired.source,
+            )
         return self.transform_counts(paired.counts, paired.genes)
 
     def to_arrays(self) -> dict[str, Any]:
@@ -233,8 +248,8 @@ class NodeFeaturizer:
         except (OSError, ValueError) as err:
             raise SigmmaError(f"cannot read node-feature file: {err}", path=path) from err
         with z:
-            return cls.from_arrays(
-                {
+            try:
+                arrays = {
                     "kind": str(z["kind"]),
                     "genes": [str(g) for g in z["genes"]],
                     "target_sum": float(z["target_sum"]),
@@ -243,7 +258,10 @@ class NodeFeaturizer:
                     "mean": z["mean"],
                     "components": z["components"],
                 }
-            )
+            except (KeyError, ValueError, TypeError) as err:
+                # Object arrays (pickles) are refused by allow_pickle=False: never run.
+                raise SigmmaError(f"not a node-feature file: {err}", path=path) from err
+        return cls.from_arrays(arrays)
 
 
 def tile_gene_vectors(

@@ -179,7 +179,7 @@ def run_embed(args: argparse.Namespace) -> int:
     ckpt_path = resolve_checkpoint(args.checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(dict(ckpt["config"]), path=ckpt_path)
-    model, featurizer = model_from_checkpoint(ckpt)
+    model, featurizer = model_from_checkpoint(ckpt, path=ckpt_path)
     device = resolve_device(getattr(args, "device", None) or "auto")
     model.to(device).eval()
     if getattr(args, "scheduler", None):

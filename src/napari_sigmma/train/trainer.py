@@ -198,13 +198,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # Disk full, read-only or vanished folder: the previous file (if any) is untouched.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise SigmmaError(f"cannot write checkpoint: {why}", path=path) from err
     _fsync_dir(path.parent)
     return path
+
+
+def check_writable_dir(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`SigmmaError` unless ``path`` is (or can be created as) a writable folder.
+
+    Nothing is created: the nearest existing ancestor must be a folder that accepts a file
+    (a probe temp file, removed at once; ``os.access`` is not enough when running as root).
+    """
+    import tempfile
+
+    p = Path(path).absolute()
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise SigmmaError(f"cannot write here: {anc} is a file, not a folder", path=p)
+    try:
+        with tempfile.TemporaryFile(dir=anc):
+            pass
+    except OSError as err:
+        raise SigmmaError(f"cannot write here: {err.strerror or err}", path=p) from err
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
@@ -226,31 +254,52 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / foreign files
-        raise SigmmaError(f"cannot load checkpoint: {err}", path=path) from err
+        # torch's weights_only refusal is many lines long: keep one (CLI messages are one line)
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise SigmmaError(
+            f"cannot load checkpoint ({type(err).__name__}: {first}); the file is corrupt, "
+            "truncated or holds more than plain tensors (refused without running it)",
+            path=path,
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise SigmmaError("not a napari-sigmma checkpoint", path=path)
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict[str, Any] | str | os.PathLike[str]) -> tuple[Any, Any]:
+def model_from_checkpoint(
+    ckpt: dict[str, Any] | str | os.PathLike[str], *, path: str | os.PathLike[str] | None = None
+) -> tuple[Any, Any]:
     """Rebuild ``(SigmmaModel, NodeFeaturizer)`` from a checkpoint (dict or path).
 
     The backbone is built without downloading weights (its trained/frozen weights are in
-    the checkpoint).
+    the checkpoint). Weights that do not fit the checkpoint's own model config (another
+    backbone's, edited files) raise :class:`SigmmaError` naming ``path``.
     """
     from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
     from napari_sigmma.tiles.features import NodeFeaturizer
 
     if not isinstance(ckpt, dict):
+        path = ckpt if path is None else path
         ckpt = load_checkpoint(ckpt)
-    mcfg = ModelConfig.from_dict(dict(ckpt["config"]["model"]))
-    # The state dict carries every backbone weight: skip the pretrained load.
-    build_cfg = ModelConfig.from_dict({**mcfg.to_dict(), "pretrained": False, "checkpoint": None})
-    model = SigmmaModel(build_cfg, int(ckpt["n_node_features"]), int(ckpt["n_genes"]))
-    model.cfg = mcfg
-    model.load_state_dict(ckpt["model"])
-    model.apply_finetune_policy()
-    feat = NodeFeaturizer.from_arrays(ckpt["features"])
+    try:
+        mcfg = ModelConfig.from_dict(dict(ckpt["config"]["model"]))
+        # The state dict carries every backbone weight: skip the pretrained load.
+        build_cfg = ModelConfig.from_dict(
+            {**mcfg.to_dict(), "pretrained": False, "checkpoint": None}
+        )
+        model = SigmmaModel(build_cfg, int(ckpt["n_node_features"]), int(ckpt["n_genes"]))
+        model.cfg = mcfg
+        model.load_state_dict(ckpt["model"])
+        model.apply_finetune_policy()
+        feat = NodeFeaturizer.from_arrays(ckpt["features"])
+    except SigmmaError as err:
+        raise SigmmaError(err.problem, path=err.path or path) from err
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        why = "; ".join(lines[:2])[:300] or type(err).__name__
+        raise SigmmaError(
+            f"checkpoint does not match its model ({type(err).__name__}: {why})", path=path
+        ) from err
     return model, feat
 
 
@@ -465,6 +514,14 @@ def load_slides(cfg: TrainConfig, *, cancel: Cancel = None, reuse: bool = True) 
             min_tissue=cfg.min_tissue,
             settings=settings,
         )
+        if len(st.grid) == 0:
+            h, w = paired.image.shape[:2]
+            raise SigmmaError(
+                f"no tiles: the slide ({w}x{h} px at {paired.he_mpp:g} µm/px) holds no whole "
+                f"{cfg.tile_px}-px tile at {cfg.target_mpp:g} µm/px with ≥ "
+                f"{cfg.min_tissue:g} tissue",
+                path=path,
+            )
         out.append(st)
         if reuse:
             _SLIDE_CACHE[key] = st
@@ -917,6 +974,8 @@ def train(
                 "the run folder already holds a checkpoint; use resume or another folder",
                 path=run,
             )
+        if dd.main:
+            check_writable_dir(run)  # fail before minutes of data preparation
         dd.barrier()
 
         seed_everything(cfg.seed)
@@ -929,7 +988,9 @@ def train(
             cfg.save_yaml(run / "config.yaml")
             data = prepare_run_data(
                 cfg,
-                split_path=run / "split.json" if resume else None,
+                split_path=run / "split.json"
+                if resume
+                else (Path(split) if split is not None else None),
                 cancel=cancel,
                 featurizer=saved_feat,
                 slides=slides,

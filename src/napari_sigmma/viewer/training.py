@@ -348,7 +348,9 @@ class TrainingWidget(QWidget):
 
             return train(cfg, callbacks=[callbacks], cancel=self._cancel, resume=resume)
 
-        worker = create_worker(job, _start_thread=False)
+        # _on_error reports the error; without _ignore_errors the worker would also
+        # re-raise it in the Qt event loop (an unhandled-exception dialog / test failure).
+        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(self._on_done)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
