@@ -207,13 +207,12 @@ def format_report(r: dict) -> str:
 
 def run_bench_cli(args: argparse.Namespace) -> int:
     """Entry of ``napari-sigmma bench``."""
-    if getattr(args, "scale", False):
-        print(
-            "napari-sigmma bench --scale: the big-slide memory / retrieval-scale figures are "
-            "not part of this benchmark; running the live-viewer figures.",
-            file=sys.stderr,
-        )
     out = Path(getattr(args, "out", None) or "bench_out")
+    if getattr(args, "scale", False):
+        from napari_sigmma.analysis.scalebench import run_scale_bench
+
+        run_scale_bench(out)
+        return 0
     r = run_bench(out)
     print(format_report(r))
     print(f"wrote {out / 'bench.json'}")
