@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--compare", type=Path, nargs="+", help="run folders to tabulate")
     v.add_argument("--dump-embeddings", action="store_true")
     v.add_argument("--device", default=None)
+    v.add_argument(
+        "--baselines",
+        nargs="*",
+        metavar="NAME",
+        help="also train and evaluate baselines on the same split: bleep, no_graph, "
+        "single_scale, no_sparsify, multicrop, all (none given: the first four)",
+    )
+    v.add_argument("--epochs", type=int, help="epochs of the baselines (default: as trained)")
+    v.add_argument("--split", type=Path, help="split.json (default: the run folder's)")
+    v.add_argument("--no-recalibrate", action="store_true", help="skip the per-gene recalibration")
+    v.add_argument(
+        "--throughput-tiles", type=int, default=8, help="tiles timed per multi-crop mode (0: skip)"
+    )
     v.set_defaults(func=_cmd_evaluate)
 
     b = sub.add_parser("bench", help="throughput, event-loop stall, cache and memory figures")
@@ -110,9 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="open napari on the embedded sample with the plugin")
     d.add_argument("--out", type=Path, default=None, help="cache folder (default ~/.cache)")
-    d.add_argument(
-        "--screenshots", type=Path, default=None, help="write screenshots here and exit"
-    )
+    d.add_argument("--screenshots", type=Path, default=None, help="write screenshots here and exit")
     d.add_argument("--epochs", type=int, default=None, help="demo model training epochs")
     d.set_defaults(func=_cmd_demo)
     return p
