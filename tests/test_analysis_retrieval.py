@@ -27,7 +27,7 @@ def test_topk_matches_brute_force_across_slides() -> None:
     assert index.query(b[5], k=1)[0][:2] == ("slide_b", 1005)
 
 
-def test_save_load_round_trip_no_pickle(tmp_path) -> None:  # noqa: ANN001
+def test_save_load_round_trip_no_pickle(tmp_path) -> None:
     rng = np.random.default_rng(1)
     index = EmbeddingIndex(8, use_faiss=False)
     index.add("s", np.arange(50), rng.normal(size=(50, 8)))
@@ -38,7 +38,7 @@ def test_save_load_round_trip_no_pickle(tmp_path) -> None:  # noqa: ANN001
     # an object array would need pickle: loading must refuse it, not execute anything
     bad = tmp_path / "bad.npz"
     np.savez(bad, matrix=np.array([{"x": 1}], dtype=object))
-    with pytest.raises(SigmmaError, match="bad.npz"):
+    with pytest.raises(SigmmaError, match=r"bad\.npz"):
         EmbeddingIndex.load(bad)
 
 
