@@ -280,6 +280,26 @@ def similarity_affine(scale: float, angle_deg: float, tx: float, ty: float) -> n
 
 
 # --- expression ---------------------------------------------------------------------------
+def panel_genes(modules: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Gene symbols of all expression modules, in first-seen order (the simulated panel)."""
+    seen: dict[str, None] = {}
+    for mod in modules.values():
+        for g in mod:
+            seen.setdefault(g, None)
+    return list(seen)
+
+
+def merge_modules(
+    modules: Mapping[str, Mapping[str, float]], *weighted: tuple[str, float]
+) -> dict[str, float]:
+    """A cell type's program: the weighted sum of named expression modules."""
+    out: dict[str, float] = {}
+    for name, w in weighted:
+        for g, v in modules[name].items():
+            out[g] = out.get(g, 0.0) + w * v
+    return out
+
+
 def program_matrix(
     genes: Sequence[str],
     types: Sequence[str],

@@ -1012,24 +1012,12 @@ _MOD: dict[str, dict[str, float]] = {
 # fmt: on
 
 
-def _gene_list() -> list[str]:
-    seen: dict[str, None] = {}
-    for mod in _MOD.values():
-        for g in mod:
-            seen.setdefault(g, None)
-    return list(seen)
-
-
 #: The simulated panel (real human gene symbols of a cancer panel).
-GENES: tuple[str, ...] = tuple(_gene_list())
+GENES: tuple[str, ...] = tuple(sim.panel_genes(_MOD))
 
 
 def _merge(*mods: tuple[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for name, w in mods:
-        for g, v in _MOD[name].items():
-            out[g] = out.get(g, 0.0) + w * v
-    return out
+    return sim.merge_modules(_MOD, *mods)
 
 
 _PROGRAMS: dict[str, dict[str, float]] = {
