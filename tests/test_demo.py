@@ -44,6 +44,7 @@ def test_demo_writes_screenshots(tmp_path: Path, embedded_bundle: Path) -> None:
         "04_attention_heads.png",
         "05_gene_maps.png",
         "06_training_widget_mid_run.png",
+        "07_retrieval_result.png",
     } <= names, proc.stdout
     from skimage.io import imread
 

@@ -162,6 +162,7 @@ def run_demo(
         written.append(save_window_screenshot(viewer, folder / name))
     for layer in _overlay_layers(viewer):
         layer.visible = True
+    written.extend(_retrieval_screenshot(viewer, folder))
     written.extend(_training_screenshot(viewer, training, folder, out))
     for path in written:
         print(f"screenshot: {path}", flush=True)
@@ -178,6 +179,39 @@ def _close_cleanly(viewer: Any) -> None:
     WorkerBase.await_workers(msecs=120_000)
     _process_events(0.2)
     viewer.close()
+
+
+def _retrieval_screenshot(viewer: Any, folder: Path) -> list[Path]:
+    """Click-equivalent HE→ST query on the tile at the centre of the view, then screenshot."""
+    from napari_sigmma.viewer.retrieval import save_retrieval_screenshot
+
+    _, retrieval = viewer.window.add_plugin_dock_widget(
+        "napari-sigmma", "SIGMMA retrieval", tabify=True
+    )
+    if not retrieval.attach_live():
+        print("retrieval: no live engine, skipped", flush=True)
+        return []
+    retrieval.encode_all(blocking=True)  # every tile's ST embedding is a candidate
+    matches = retrieval.query_at_world(viewer.camera.center[-2:])
+    print(f"retrieval: {len(matches)} matches, best similarity {matches[0].similarity:.2f}")
+    # the H&E and the match rectangles only
+    hidden = [
+        ly
+        for ly in viewer.layers
+        if ly.visible and ly.name != "SIGMMA retrieval" and ly.metadata.get("element") != "he_image"
+    ]
+    for layer in hidden:
+        layer.visible = False
+    retrieval.parent().raise_()
+    shot = save_retrieval_screenshot(
+        viewer, str(folder / "07_retrieval_result.png"), canvas_only=False
+    )
+    # that call zoomed to the query and its matches: let the pyramid load, then shoot again
+    _process_events(2.0)
+    shot = save_window_screenshot(viewer, shot)
+    for layer in hidden:
+        layer.visible = True
+    return [shot]
 
 
 def _training_screenshot(viewer: Any, training: Any, folder: Path, out: Any) -> list[Path]:
