@@ -296,6 +296,31 @@ def test_cli_train_and_embed(synthetic_small, feature_cache, tmp_path):
     assert cells.obsm["st_macro"].shape == (cells.n_obs, 32) and cells.n_obs > 100
     assert tab.uns["spatialdata_attrs"]["region"] == "tiles"
 
+    # a folder of slides: one dask.distributed task per slide on a local cluster
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / name).symlink_to(synthetic_small, target_is_directory=True)
+    many = tmp_path / "many.zarr"
+    code = main(
+        ["embed", "--data", str(folder), "--checkpoint", str(run), "--out", str(many),
+         "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    both = read_sdata(many)
+    assert {"tiles_0", "tiles_1"} <= set(both.shapes)
+    for k in (0, 1):
+        t = both.tables[f"tile_embeddings_{k}"]
+        # the same slide twice: each worker's embeddings equal the single-slide run's
+        np.testing.assert_allclose(t.obsm["he_macro"], tab.obsm["he_macro"], atol=1e-5)
+    assert not (tmp_path / "many.zarr.parts").exists()
+    # a scheduler address that does not answer: one clear error naming it
+    code = main(
+        ["embed", "--data", str(folder), "--checkpoint", str(run), "--out",
+         str(tmp_path / "none.zarr"), "--scheduler", "tcp://127.0.0.1:9"]
+    )  # fmt: skip
+    assert code == 2
+
 
 def test_epoch_batches_shard_like_distributed_sampler():
     perm = np.arange(11)

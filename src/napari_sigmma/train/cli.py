@@ -163,10 +163,31 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def run_embed(args: argparse.Namespace) -> int:
-    """Entry of ``napari-sigmma embed``."""
-    import spatialdata as sd
+def embed_slide_to_zarr(
+    checkpoint: str,
+    data: str,
+    out: str,
+    *,
+    suffix: str = "",
+    device: str = "auto",
+    overwrite: bool = False,
+) -> str:
+    """Embed every tile of one slide with ``checkpoint`` and write a SpatialData ``.zarr``.
 
+    A plain function of paths, so a dask.distributed worker can run it for one slide.
+    Returns the written path.
+    """
+    import dask
+
+    # lazy slide reads use the threaded scheduler: inside a dask.distributed worker the
+    # default would ship the read graph (with open file handles) to the cluster
+    with dask.config.set(scheduler="threads"):
+        return _embed_slide_to_zarr(checkpoint, data, out, suffix, device, overwrite)
+
+
+def _embed_slide_to_zarr(
+    checkpoint: str, data: str, out: str, suffix: str, device: str, overwrite: bool
+) -> str:
     from napari_sigmma.analysis.embed import embed_tiles, embeddings_to_sdata
     from napari_sigmma.device import resolve_device
     from napari_sigmma.io import load_any
@@ -176,43 +197,103 @@ def run_embed(args: argparse.Namespace) -> int:
     from napari_sigmma.train.config import TrainConfig
     from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
 
-    ckpt_path = resolve_checkpoint(args.checkpoint)
+    ckpt_path = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     cfg = TrainConfig.from_dict(dict(ckpt["config"]), path=ckpt_path)
     model, featurizer = model_from_checkpoint(ckpt, path=ckpt_path)
-    device = resolve_device(getattr(args, "device", None) or "auto")
-    model.to(device).eval()
-    if getattr(args, "scheduler", None):
-        _say("note: --scheduler is not used yet; slides are embedded one after another")
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    path = Path(data)
+    name = path.stem if path.suffix else path.name
+    paired = PairedSlide.from_sdata(load_any(path), name=name, node_obsm=cfg.node_obsm)
+    grid = make_tile_grid(
+        paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
+    )
+    _say(f"{name}: {len(grid)} tiles, {paired.n_cells} cells")
+    emb = embed_tiles(
+        model,
+        paired,
+        grid,
+        featurizer=featurizer if paired.n_cells else None,
+        settings=graph_settings(cfg),
+        batch_size=8,
+        device=dev,
+    )
+    sdata = embeddings_to_sdata(
+        emb,
+        paired,
+        grid,
+        suffix=suffix,
+        attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
+    )
+    return str(write_sdata(sdata, out, overwrite=overwrite))
+
+
+def _distributed_client(address: str | None, n_slides: int) -> Any:
+    """A dask.distributed client: the given scheduler, or a local cluster of processes."""
+    from distributed import Client, LocalCluster
+
+    if address:
+        try:
+            return Client(address, timeout="5s")
+        except OSError as err:
+            raise SigmmaError(f"cannot reach the dask scheduler ({err})", path=address) from err
+    workers = max(1, min(n_slides, os.cpu_count() or 1))
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+    return Client(cluster)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    """Entry of ``napari-sigmma embed``.
+
+    One slide is embedded here. A folder of slides is distributed over dask.distributed
+    workers, one slide per task (a local cluster of processes by default, or the scheduler
+    at ``--scheduler``); each writes its own ``.zarr`` under ``<out>.parts/`` and the parts
+    are concatenated into ``--out``.
+    """
+    import shutil
+
+    import spatialdata as sd
+
+    from napari_sigmma.io.store import read_sdata, write_sdata
+    from napari_sigmma.train.trainer import load_checkpoint
+
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    load_checkpoint(ckpt_path)  # a bad checkpoint fails here, before any worker starts
+    device = getattr(args, "device", None) or "auto"
     paths = expand_data(args.data)
-    parts = []
-    for k, path in enumerate(paths):
-        name = path.stem if path.suffix else path.name
-        paired = PairedSlide.from_sdata(load_any(path), name=name, node_obsm=cfg.node_obsm)
-        grid = make_tile_grid(
-            paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
+    out = Path(args.out)
+    if len(paths) == 1:
+        written = embed_slide_to_zarr(str(ckpt_path), str(paths[0]), str(out), device=device)
+        _say(f"wrote {written}")
+        return 0
+    parts_dir = out.with_name(out.name + ".parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    client = _distributed_client(getattr(args, "scheduler", None), len(paths))
+    try:
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        _say(
+            f"embedding {len(paths)} slides on {n_workers} dask worker(s) "
+            f"({client.scheduler.address})"
         )
-        _say(f"{name}: {len(grid)} tiles, {paired.n_cells} cells")
-        emb = embed_tiles(
-            model,
-            paired,
-            grid,
-            featurizer=featurizer if paired.n_cells else None,
-            settings=graph_settings(cfg),
-            batch_size=8,
-            device=device,
-        )
-        suffix = "" if len(paths) == 1 else f"_{k}"
-        parts.append(
-            embeddings_to_sdata(
-                emb,
-                paired,
-                grid,
-                suffix=suffix,
-                attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
+        futures = [
+            client.submit(
+                embed_slide_to_zarr,
+                str(ckpt_path),
+                str(p),
+                str(parts_dir / f"{k}.zarr"),
+                suffix=f"_{k}",
+                device=device,
+                overwrite=True,
+                pure=False,
             )
-        )
-    out = sd.concatenate(parts) if len(parts) > 1 else parts[0]
-    written = write_sdata(out, args.out)
-    _say(f"wrote {written}: " + ", ".join(sorted(out.tables)))
+            for k, p in enumerate(paths)
+        ]
+        written_parts = client.gather(futures)
+    finally:
+        client.close()
+    combined = sd.concatenate([read_sdata(p) for p in written_parts])
+    written = write_sdata(combined, out)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    _say(f"wrote {written}: " + ", ".join(sorted(combined.tables)))
     return 0
