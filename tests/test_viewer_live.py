@@ -157,6 +157,8 @@ def _tiles_of_layer(layer, live) -> set[str]:
 
 def _wait_idle(qtbot, ctl, timeout: int = 180_000) -> None:
     qtbot.waitUntil(lambda: not ctl.busy and not ctl._timer.isActive(), timeout=timeout)
+    # a worker is done once its last batch is posted; spin the loop so it is drawn
+    qtbot.wait(200)
 
 
 def test_no_model_state_keeps_data_layers(make_napari_viewer, live) -> None:
