@@ -560,33 +560,23 @@ def crop_embeddings(model: Any, crop_feats: torch.Tensor) -> torch.Tensor:
 def _capture_cls_attention(backbone: Any, *, enabled: bool) -> Iterator[list]:
     """Collect the CLS row of the last block's attention in the forward that runs inside.
 
-    Like :meth:`napari_sigmma.models.backbones.Backbone.attention_maps`, fused attention is
-    switched off on the last block (so the matrix exists) and ``attn_drop``'s output is
-    hooked; unlike it, every chunk of a chunked forward is kept, and only the class token's
-    row (``(N, heads, T)``) is stored, so all ``21·B`` crops cost a few kB each.
+    Uses :func:`napari_sigmma.models.backbones.capture_last_attention`; every chunk of a
+    chunked forward is kept, and only the class token's row (``(N, heads, T)``) is stored,
+    so all ``21·B`` crops cost a few kB each.
     """
-    store: list = []
     if not enabled:
-        yield store
+        yield []
         return
-    attn_mod = backbone.module.blocks[-1].attn
+    from napari_sigmma.models.backbones import capture_last_attention
+
     npt = int(backbone.num_prefix_tokens)
     has_cls = bool(getattr(backbone.module, "has_class_token", npt > 0))
 
-    def hook(_mod: Any, _inp: Any, out: Any) -> None:
-        if has_cls:
-            store.append(out[:, :, 0, :].detach())
-        else:
-            store.append(out[:, :, npt:, :].mean(dim=2).detach())
+    def cls_row(attn: Any) -> Any:
+        return attn[:, :, 0, :] if has_cls else attn[:, :, npt:, :].mean(dim=2)
 
-    old = attn_mod.fused_attn
-    attn_mod.fused_attn = False
-    handle = attn_mod.attn_drop.register_forward_hook(hook)
-    try:
+    with capture_last_attention(backbone.module, reduce=cls_row, require=False) as store:
         yield store
-    finally:
-        handle.remove()
-        attn_mod.fused_attn = old
 
 
 def _macro_attention(store: list, backbone: Any, n_tiles: int, tile_side: int, *, fast: bool):

@@ -169,9 +169,9 @@ class Backbone:
                 "attention maps need a ViT backbone (uni, uni2-h, vit_small, vit_tiny)"
             )
         x = self._prepared(images)
-        with _capture_last_attention(self.module) as store:
+        with capture_last_attention(self.module) as store:
             self.module.forward_features(x)
-        attn = store["attn"]  # (N, heads, T, T)
+        attn = store[-1]  # (N, heads, T, T)
         npt = self.num_prefix_tokens
         if getattr(self.module, "has_class_token", npt > 0):
             row = attn[:, :, 0, npt:]
@@ -190,22 +190,38 @@ class Backbone:
 
 
 @contextlib.contextmanager
-def _capture_last_attention(vit: nn.Module) -> Iterator[dict[str, Any]]:
+def capture_last_attention(
+    vit: nn.Module,
+    *,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    require: bool = True,
+) -> Iterator[list[torch.Tensor]]:
     """Make the last block materialise its attention matrix and keep it.
 
     timm's fused SDPA never builds the matrix, so fused attention is switched off on the
     last block only for the duration, and the output of ``attn_drop`` (the softmaxed
-    attention; dropout is identity in eval and p=0 for the supported models) is stored.
+    attention; dropout is identity in eval and p=0 for the supported models) is stored,
+    one entry per forward call (every chunk of a chunked forward).
+
+    Parameters
+    ----------
+    vit
+        A timm ViT.
+    reduce
+        Applied to each ``(N, heads, T, T)`` matrix before it is stored (e.g. keep only
+        the class token's row, so many crops cost little memory).
+    require
+        Raise when no forward ran inside the block.
     """
     attn_mod = vit.blocks[-1].attn
     if not hasattr(attn_mod, "attn_drop") or not hasattr(attn_mod, "fused_attn"):
         raise SigmmaError(
             f"cannot read attention from {type(attn_mod).__name__}: unsupported ViT block"
         )
-    store: dict[str, Any] = {}
+    store: list[torch.Tensor] = []
 
     def hook(_mod: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        store["attn"] = out.detach()
+        store.append((out if reduce is None else reduce(out)).detach())
 
     old = attn_mod.fused_attn
     attn_mod.fused_attn = False
@@ -215,7 +231,7 @@ def _capture_last_attention(vit: nn.Module) -> Iterator[dict[str, Any]]:
     finally:
         handle.remove()
         attn_mod.fused_attn = old
-    if "attn" not in store:
+    if require and not store:
         raise SigmmaError("the last ViT block did not compute an attention matrix")
 
 
