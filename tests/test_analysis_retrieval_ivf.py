@@ -1,0 +1,196 @@
+"""IVF search of the retrieval index: recall against exact search, growth after training,
+persistence without pickle, exact mode and bad queries. No timing is asserted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_sigmma.analysis.retrieval import EmbeddingIndex, spherical_kmeans
+from napari_sigmma.analysis.scalebench import clustered_embeddings, retrieval_scale
+from napari_sigmma.errors import SigmmaError
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _brute_force(data: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    sims = _unit(data) @ (q / np.linalg.norm(q))
+    return np.argsort(-sims, kind="stable")[:k]
+
+
+def _keys(hits: list[tuple[str, int, float]]) -> set[tuple[str, int]]:
+    return {(s, t) for s, t, _ in hits}
+
+
+@pytest.fixture(scope="module")
+def clustered() -> tuple[np.ndarray, np.ndarray]:
+    """60,000 stored 32-d tile-like embeddings (300 clusters) and 100 fresh queries."""
+    kw = {"n_clusters": 300, "n_types": 12, "seed": 3}
+    return (
+        clustered_embeddings(60_000, 32, draw=0, **kw),
+        clustered_embeddings(100, 32, draw=1, **kw),
+    )
+
+
+@pytest.fixture(scope="module")
+def ivf_index(clustered: tuple[np.ndarray, np.ndarray]) -> EmbeddingIndex:
+    data, _ = clustered
+    index = EmbeddingIndex(32, use_faiss=False)
+    index.add("a", np.arange(30_000), data[:30_000])
+    index.add("b", np.arange(30_000), data[30_000:])
+    index.query(data[0])  # trains lazily (60k >= the default threshold)
+    return index
+
+
+def test_small_index_is_exact_and_matches_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(2000, 24))
+    index = EmbeddingIndex(24, use_faiss=False)
+    index.add("s", np.arange(2000), data)
+    for q in rng.normal(size=(5, 24)):
+        hits = index.query(q, k=10)
+        assert not index.is_ivf
+        assert [t for _, t, _ in hits] == _brute_force(data, q, 10).tolist()
+        assert hits == index.query(q, k=10, exact=True)
+
+
+def test_exact_mode_of_a_trained_index_matches_brute_force(
+    ivf_index: EmbeddingIndex, clustered: tuple[np.ndarray, np.ndarray]
+) -> None:
+    data, queries = clustered
+    assert ivf_index.is_ivf and 100 <= ivf_index.ivf_lists <= 1000
+    for q in queries[:5]:
+        expect = _brute_force(data, q, 10)
+        keys = [("a", int(i)) if i < 30_000 else ("b", int(i) - 30_000) for i in expect]
+        hits = ivf_index.query(q, k=10, exact=True)
+        assert [(s, t) for s, t, _ in hits] == keys
+        cos = _unit(data[expect]) @ (q / np.linalg.norm(q))
+        np.testing.assert_allclose([c for *_, c in hits], cos, atol=1e-5)
+
+
+def test_ivf_recall_on_clustered_embeddings(
+    ivf_index: EmbeddingIndex, clustered: tuple[np.ndarray, np.ndarray]
+) -> None:
+    data, queries = clustered
+    # the IVF must search only part of the index for this to test anything
+    assert ivf_index.effective_nprobe < ivf_index.ivf_lists / 4
+    recall = [
+        len(_keys(ivf_index.query(q, 10)) & _keys(ivf_index.query(q, 10, exact=True))) / 10
+        for q in queries
+    ]
+    assert np.mean(recall) >= 0.95
+    # a stored vector finds itself first
+    for i in (0, 12_345, 45_678):
+        s, t, c = ivf_index.query(data[i], k=1)[0]
+        assert (s, t) == (("a", i) if i < 30_000 else ("b", i - 30_000)) and c > 0.9999
+
+
+def test_nprobe_is_a_real_knob(ivf_index: EmbeddingIndex, clustered) -> None:
+    _, queries = clustered
+    q = queries[0]
+    everything = ivf_index.query(q, 10, nprobe=ivf_index.ivf_lists)
+    exact = ivf_index.query(q, 10, exact=True)
+    assert [h[:2] for h in everything] == [h[:2] for h in exact]
+    np.testing.assert_allclose([h[2] for h in everything], [h[2] for h in exact], atol=1e-5)
+    one = ivf_index.query(q, 10, nprobe=1)
+    assert len(one) == 10  # lists are probed until k rows are found
+
+
+def test_items_added_after_training_are_found(clustered) -> None:
+    data, queries = clustered
+    index = EmbeddingIndex(32, use_faiss=False, ivf_min_size=20_000)
+    index.add("a", np.arange(40_000), data[:40_000])
+    index.query(queries[0])
+    lists, trained = index.ivf_lists, index.build_seconds
+    assert index.is_ivf
+    # grow by less than 2x: the new rows join their nearest lists (tail, then merged)
+    index.add("late", np.arange(5000), data[40_000:45_000])
+    for i in (0, 1234, 4999):
+        assert index.query(data[40_000 + i], k=1)[0][:2] == ("late", i)
+    index.add("later", np.arange(15_000), data[45_000:])
+    assert index.ivf_lists == lists and index.build_seconds == trained  # not retrained
+    for i in (0, 7777, 14_999):
+        assert index.query(data[45_000 + i], k=1)[0][:2] == ("later", i)
+    assert len(index) == 60_000
+    recall = [
+        len(_keys(index.query(q, 10)) & _keys(index.query(q, 10, exact=True))) / 10
+        for q in queries[:40]
+    ]
+    assert np.mean(recall) >= 0.95
+    # doubling the size since training retrains the quantiser
+    index.add("double", np.arange(30_000), data[:30_000] + 0.01)
+    index.query(queries[0])
+    assert index.ivf_lists > lists and len(index) == 90_000
+
+
+def test_save_load_round_trip_keeps_the_ivf(tmp_path, clustered) -> None:
+    data, queries = clustered
+    ivf_index = EmbeddingIndex(32, use_faiss=False, ivf_min_size=20_000)
+    ivf_index.add("a", np.arange(50_000), data[:50_000])
+    ivf_index.build_ivf()
+    ivf_index.add("tail", np.arange(100), data[50_000:50_100])  # a tail is saved too
+    path = ivf_index.save(tmp_path / "ivf.npz")
+    with np.load(path, allow_pickle=False) as z:
+        assert {"ivf_centroids", "ivf_offsets", "ivf_tail_lists", "ivf_state"} <= set(z.files)
+    again = EmbeddingIndex.load(path, use_faiss=False)
+    assert again.is_ivf and again.ivf_lists == ivf_index.ivf_lists
+    assert again.effective_nprobe == ivf_index.effective_nprobe
+    for q in queries[:20]:
+        assert again.query(q, 10) == ivf_index.query(q, 10)
+        assert again.query(q, 10, exact=True) == ivf_index.query(q, 10, exact=True)
+    # a file whose IVF arrays disagree with its matrix is refused, naming the file
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["ivf_offsets"] = arrays["ivf_offsets"][:-1]
+    bad = tmp_path / "bad_ivf.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(SigmmaError, match=r"bad_ivf\.npz"):
+        EmbeddingIndex.load(bad)
+
+
+def test_bad_queries_raise_sigmma_error(ivf_index: EmbeddingIndex) -> None:
+    small = EmbeddingIndex(4, use_faiss=False)
+    small.add("s", np.arange(3), np.eye(3, 4))
+    for index, dim in ((small, 4), (ivf_index, 32)):
+        with pytest.raises(SigmmaError, match=f"dim {dim}"):
+            index.query(np.ones(dim + 1))
+        nan = np.ones(dim)
+        nan[1] = np.nan
+        with pytest.raises(SigmmaError, match="NaN"):
+            index.query(nan)
+        with pytest.raises(SigmmaError, match="NaN"):
+            index.query(np.full(dim, np.inf), exact=True)
+    with pytest.raises(SigmmaError, match="empty"):
+        EmbeddingIndex(4, use_faiss=False).build_ivf()
+
+
+def test_spherical_kmeans_is_a_lloyd_fixed_point() -> None:
+    rng = np.random.default_rng(5)
+    centres = _unit(rng.normal(size=(6, 16)))
+    x = _unit(np.repeat(centres, 200, axis=0) + 0.05 * rng.normal(size=(1200, 16)))
+    x = x.astype(np.float32)
+    found = spherical_kmeans(x, 6, n_iter=20, seed=0)
+    assert found.shape == (6, 16)
+    np.testing.assert_array_equal(found, spherical_kmeans(x, 6, n_iter=20, seed=0))
+    np.testing.assert_allclose(np.linalg.norm(found, axis=1), 1, atol=1e-5)
+    # converged: each centroid is the mean direction of the rows nearest to it
+    lab = np.argmax(x @ found.T, axis=1)
+    for j in range(6):
+        members = x[lab == j]
+        assert members.shape[0] > 0
+        assert float(_unit(members.mean(0, keepdims=True))[0] @ found[j]) > 0.9999
+    # one cluster: the mean direction of everything
+    one = spherical_kmeans(x, 1, seed=0)[0]
+    assert float(_unit(x.mean(0, keepdims=True))[0] @ one) > 0.9999
+
+
+def test_retrieval_scale_reports_ivf_and_exact_on_the_same_queries() -> None:
+    r = retrieval_scale(12_000, 16, n_queries=20, ivf_min_size=5000)
+    assert r["backend"] == "ivf" and r["data"] == "clustered" and r["n_lists"] > 0
+    assert 0 < r["median_ms"] <= r["p99_ms"] and 0 < r["exact_median_ms"] <= r["exact_p99_ms"]
+    assert 0.9 <= r["recall_at_k"] <= 1 and r["build_seconds"] > 0
+    g = retrieval_scale(12_000, 16, data="gaussian", n_queries=10, ivf_min_size=5000)
+    assert g["data"] == "gaussian" and 0 <= g["recall_at_k"] <= 1
+    assert g["topk_cos_median"] < r["topk_cos_median"]  # noise has no close neighbours
