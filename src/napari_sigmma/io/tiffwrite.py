@@ -3,9 +3,11 @@
 The image is given either as an array or as a callable ``tile_source(y, x, h, w)`` that
 returns the level-0 region ``[y:y+h, x:x+w]``; a 100k x 100k slide can then be written tile
 by tile. Level 0 is streamed straight into the file while the lower levels are built by a
-cascade of 2x2 mean reductions, one tile row of buffer per level. The reduced tiles are
-spooled (lz4-compressed) to a temporary file until tifffile asks for them, because TIFF
-writes level 0 completely before the first sub-resolution.
+cascade of 2x2 mean reductions fed tile by tile, one tile row of buffer per level
+(``tile x width`` pixels of the image's dtype, so about 150 MB for a 100k px wide RGB slide
+with 512 px tiles). The reduced tiles are spooled (lz4-compressed) to a temporary file
+until tifffile asks for them, because TIFF writes level 0 completely before the first
+sub-resolution.
 """
 
 from __future__ import annotations
@@ -59,11 +61,26 @@ def pyramid_shapes(
 
 
 def _reduce2(block: np.ndarray) -> np.ndarray:
-    """2x2 mean of an (h, w[, c]) block; odd edges repeat their last row/column."""
+    """2x2 mean of an (h, w[, c]) block; odd edges repeat their last row/column.
+
+    Integers are rounded half to even (as ``np.rint``); 8- and 16-bit pixels are summed in
+    a wider integer type instead of float, which is faster and needs less memory.
+    """
     h, w = block.shape[:2]
     if h % 2 or w % 2:
         pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (block.ndim - 2)
         block = np.pad(block, pad, mode="edge")
+    if block.dtype.kind in "ui" and block.dtype.itemsize <= 2:
+        acc = np.uint16 if block.dtype == np.uint8 else np.int32
+        s = block[0::2, 0::2].astype(acc)
+        s += block[1::2, 0::2]
+        s += block[0::2, 1::2]
+        s += block[1::2, 1::2]
+        q = s >> 2
+        rem = s & 3
+        # s / 4 = q + rem / 4: round up above a half, and at a half towards the even value
+        q += (rem == 3) | ((rem == 2) & ((q & 1) == 1))
+        return q.astype(block.dtype)
     f = block.astype(np.float32)
     out = (f[0::2, 0::2] + f[1::2, 0::2] + f[0::2, 1::2] + f[1::2, 1::2]) * 0.25
     if np.issubdtype(block.dtype, np.integer):
@@ -92,8 +109,10 @@ class _Spool:
         import imagecodecs
 
         self._fh.seek(0)
+        # the decoded size, given: lz4_decode otherwise allocates a generous guess (~50 MB)
+        nbytes = int(np.prod(self._tile_shape)) * np.dtype(self._dtype).itemsize
         for size in self._sizes:
-            raw = imagecodecs.lz4_decode(self._fh.read(size))
+            raw = imagecodecs.lz4_decode(self._fh.read(size), out=nbytes)
             yield np.frombuffer(raw, dtype=self._dtype).reshape(self._tile_shape)
         self._fh.close()
 
@@ -102,9 +121,13 @@ class _Spool:
 
 
 class _LevelSink:
-    """Receives full-width tile rows of level k-1, emits tiles of level k to a spool.
+    """Builds level k from tile-sized blocks of level k-1 and emits its tiles to a spool.
 
-    Keeps at most one tile row of level k in memory.
+    The parent feeds its current tile row block by block, left to right (:meth:`feed`), and
+    says when that row is done (:meth:`row_done`). Each block is reduced at once into a
+    buffer of one tile row of level k (``tile x width_k`` pixels of the image's own dtype),
+    so memory is that buffer per level, whatever the width: no full-width copies and no
+    float rows.
     """
 
     def __init__(
@@ -122,44 +145,47 @@ class _LevelSink:
         self.dtype = dtype
         self.spool = spool
         self.child = child
-        self._rows: list[np.ndarray] = []
-        self._nrows = 0
-        self._row_start = 0
+        self._buf = np.zeros((min(tile, shape[0]), shape[1], *channels), dtype=dtype)
+        self._fill = 0  # rows of the buffer filled by finished parent rows
+        self._row_start = 0  # level row of the buffer's first row
 
-    def feed(self, strip: np.ndarray) -> None:
-        # reduce in column blocks: the float copy of a whole-slide-wide strip is large
-        step = 8192
-        reduced = np.concatenate(
-            [_reduce2(strip[:, x : x + step]) for x in range(0, strip.shape[1], step)], axis=1
+    def feed(self, block: np.ndarray, x: int) -> None:
+        """A block of the parent's current tile row, starting at parent column ``x`` (even)."""
+        reduced = _reduce2(block)
+        r0 = self._fill
+        h = min(reduced.shape[0], self._buf.shape[0] - r0, self.shape[0] - self._row_start - r0)
+        c0 = x // 2
+        w = min(reduced.shape[1], self.shape[1] - c0)
+        if h > 0 and w > 0:
+            self._buf[r0 : r0 + h, c0 : c0 + w] = reduced[:h, :w]
+
+    def row_done(self, parent_rows: int) -> None:
+        """The parent finished a tile row of ``parent_rows`` rows."""
+        self._fill = min(
+            self._fill + (parent_rows + 1) // 2,
+            self._buf.shape[0],
+            self.shape[0] - self._row_start,
         )
-        # the last reduced strip may carry one padded row beyond the level height
-        remaining = self.shape[0] - self._row_start - self._nrows
-        reduced = reduced[:remaining, : self.shape[1]]
-        while reduced.shape[0]:
-            take = min(self.tile - self._nrows, reduced.shape[0])
-            self._rows.append(reduced[:take])
-            self._nrows += take
-            reduced = reduced[take:]
-            if self._nrows == self.tile:
-                self._emit()
+        if self._fill == self._buf.shape[0] or self._row_start + self._fill >= self.shape[0]:
+            self._emit()
 
     def _emit(self) -> None:
-        if not self._nrows:
+        if not self._fill:
             return
-        row = np.concatenate(self._rows, axis=0) if len(self._rows) > 1 else self._rows[0]
-        t = self.tile
+        t, n = self.tile, self._fill
         for x in range(0, self.shape[1], t):
-            block = row[:, x : x + t]
+            block = self._buf[:n, x : x + t]
+            if self.child is not None:
+                self.child.feed(block, x)
             if block.shape[0] != t or block.shape[1] != t:
                 full = np.zeros((t, t, *self.channels), dtype=self.dtype)
                 full[: block.shape[0], : block.shape[1]] = block
                 block = full
             self.spool.put(block)
         if self.child is not None:
-            self.child.feed(row)
-        self._row_start += self._nrows
-        self._rows = []
-        self._nrows = 0
+            self.child.row_done(n)
+        self._row_start += n
+        self._fill = 0
 
     def finish(self) -> None:
         self._emit()
@@ -268,11 +294,11 @@ def write_pyramidal_ome_tiff(
         sink = _LevelSink(shapes[lvl], tile, channels, np_dtype, spools[lvl - 1], sink)
 
     def level0_tiles() -> Iterator[np.ndarray]:
-        # tifffile stops pulling after the last tile, so each tile row is read and fed
-        # to the reduction cascade (and the cascade finished) before its tiles are yielded
+        # tiles go to the reduction cascade one by one; tifffile stops pulling after the
+        # last tile, so a row is closed (and the cascade finished) before its last tile is
+        # yielded
         for y in range(0, height, tile):
             h = min(tile, height - y)
-            row_tiles = []
             for x in range(0, width, tile):
                 w = min(tile, width - x)
                 region = np.asarray(source(y, x, h, w))
@@ -282,13 +308,13 @@ def write_pyramidal_ome_tiff(
                         f"h={h} w={w}, expected {(h, w, *channels)}",
                         path=path,
                     )
-                row_tiles.append(region.astype(np_dtype, copy=False))
-            if sink is not None:
-                sink.feed(np.concatenate(row_tiles, axis=1))
-                if y + tile >= height:
-                    sink.finish()
-            for region in row_tiles:
-                h, w = region.shape[:2]
+                region = region.astype(np_dtype, copy=False)
+                if sink is not None:
+                    sink.feed(region, x)
+                    if x + tile >= width:
+                        sink.row_done(h)
+                        if y + tile >= height:
+                            sink.finish()
                 if (h, w) != (tile, tile):
                     full = np.zeros(tile_shape, dtype=np_dtype)
                     full[:h, :w] = region
@@ -318,6 +344,9 @@ def write_pyramidal_ome_tiff(
         "compressionargs": compressionargs,
         "resolutionunit": "CENTIMETER",
         "maxworkers": maxworkers,
+        # bytes of tiles tifffile gathers per threaded encoding batch (its default, 512 MB,
+        # would hold ~680 RGB tiles of 512 px)
+        "buffersize": 8 * max(1, maxworkers) * math.prod(tile_shape) * np_dtype.itemsize,
     }
     if len(channels) and channels[0] == 4:
         options["extrasamples"] = ["unassalpha"]
