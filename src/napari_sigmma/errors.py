@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 
 class SigmmaError(Exception):
@@ -25,3 +26,28 @@ class SigmmaError(Exception):
         self.problem = problem
         self.path = None if path is None else os.fspath(path)
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class Cancelled(Exception):
+    """Raised inside a long task when its cancel flag was set (not an error to report)."""
+
+
+#: What long tasks accept as ``cancel``: a ``threading.Event``, a callable returning True
+#: once the task should stop, or ``None`` (never cancelled).
+CancelLike = Any
+
+
+def is_cancelled(cancel: CancelLike) -> bool:
+    """True when ``cancel`` (Event, callable or ``None``) says stop."""
+    if cancel is None:
+        return False
+    is_set = getattr(cancel, "is_set", None)
+    if is_set is not None:
+        return bool(is_set())
+    return bool(cancel())
+
+
+def check_cancel(cancel: CancelLike) -> None:
+    """Raise :class:`Cancelled` when ``cancel`` says stop (call between chunks of work)."""
+    if is_cancelled(cancel):
+        raise Cancelled()

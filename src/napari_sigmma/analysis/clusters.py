@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
     from napari_sigmma.analysis.tilecache import TileResult
@@ -242,6 +242,7 @@ def fit_clusters(
     seed: int = 0,
     resolution: float = 1.0,
     cells: bool = True,
+    cancel: CancelLike = None,
 ) -> ClusterSet:
     """Fit clusters on the encoded tiles and number them consistently across scales.
 
@@ -264,6 +265,9 @@ def fit_clusters(
         Leiden resolution.
     cells
         Also cluster the graph encoder's node embeddings.
+    cancel
+        Event or callable, checked before each of the (up to six) fits and before the
+        renumbering; when set, :class:`~napari_sigmma.errors.Cancelled` is raised.
 
     Returns
     -------
@@ -283,6 +287,7 @@ def fit_clusters(
     )
     labels: dict[str, np.ndarray] = {}
     for key in keys:
+        check_cancel(cancel)
         if key not in data:
             continue
         init = None
@@ -302,6 +307,7 @@ def fit_clusters(
         labels[key] = perm[labels[key]]
 
     nk = lambda key: cs.centroids[key].shape[0]  # noqa: E731
+    check_cancel(cancel)
 
     if previous is not None:
         # Refit: agree with the previous numbering on the same points.

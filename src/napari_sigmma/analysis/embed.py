@@ -123,6 +123,7 @@ def embed_tiles(
     from torch_geometric.data import Batch
 
     from napari_sigmma.device import autocast, resolve_device
+    from napari_sigmma.io import release_thread_dask_pool
     from napari_sigmma.tiles.dataset import GraphSettings, prepare_slide
     from napari_sigmma.tiles.grid import read_tile
 
@@ -192,6 +193,8 @@ def embed_tiles(
         if held:
             paired.image.release(level)
         model.train(was_training)
+        # tile reads computed dask arrays: free the pool dask keeps for this (worker) thread
+        release_thread_dask_pool()
 
     he_out = {s: np.concatenate(v) if v else np.zeros((0, dim), np.float32) for s, v in he.items()}
     he_out = {s: v for s, v in he_out.items() if v.shape[0] == done}

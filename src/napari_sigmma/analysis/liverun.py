@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_sigmma.analysis.genehead import GENE_HEAD_FILE, GeneHead
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
     from napari_sigmma.analysis.engine import EmbeddingEngine
@@ -133,9 +133,13 @@ class LiveRun:
         return []
 
 
-def load_live_run(checkpoint: str | os.PathLike[str]) -> LiveRun:
+def load_live_run(checkpoint: str | os.PathLike[str], *, cancel: CancelLike = None) -> LiveRun:
     """Read a training checkpoint (a ``.pt`` file, or a run folder → its ``best.pt`` /
-    ``last.pt``) for the live viewer."""
+    ``last.pt``) for the live viewer.
+
+    ``cancel`` (Event or callable) is checked between the steps (read, model, hash, gene
+    head); when set, :class:`~napari_sigmma.errors.Cancelled` is raised.
+    """
     from napari_sigmma.analysis.engine import file_hash
     from napari_sigmma.train.config import TrainConfig
     from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
@@ -149,9 +153,12 @@ def load_live_run(checkpoint: str | os.PathLike[str]) -> LiveRun:
                 break
         else:
             raise SigmmaError("no checkpoints/best.pt or last.pt in the run folder", path=path)
+    check_cancel(cancel)
     ckpt = load_checkpoint(path)
+    check_cancel(cancel)
     model, featurizer = model_from_checkpoint(ckpt)
     model.eval()
+    check_cancel(cancel)
     config = dict(ckpt["config"])
     cfg = TrainConfig.from_dict(config) if hasattr(TrainConfig, "from_dict") else None
     gs = graph_settings(cfg)
@@ -166,6 +173,7 @@ def load_live_run(checkpoint: str | os.PathLike[str]) -> LiveRun:
         checkpoint_hash=file_hash(path),
         slides=[dict(s) for s in ckpt.get("slides", [])],
     )
+    check_cancel(cancel)
     if run.gene_head_path.is_file():
         run.gene_head = GeneHead.load(run.gene_head_path)
     return run

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-__all__ = ["XENIUM_MARKER", "detect_kind", "load_any"]
+__all__ = ["XENIUM_MARKER", "detect_kind", "load_any", "release_thread_dask_pool"]
 
 #: The file that makes a folder a Xenium output bundle.
 XENIUM_MARKER = "experiment.xenium"
@@ -47,7 +47,7 @@ def detect_kind(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def load_any(path: str | os.PathLike[str]) -> SpatialData:
+def load_any(path: str | os.PathLike[str], *, cancel: CancelLike = None) -> SpatialData:
     """Read whatever ``path`` is into the canonical SpatialData layout.
 
     - a ``.zarr`` folder (SpatialData store) → :func:`napari_sigmma.io.store.read_sdata`
@@ -55,11 +55,22 @@ def load_any(path: str | os.PathLike[str]) -> SpatialData:
     - a folder with ``wsis/`` and ``transcripts/`` → :func:`napari_sigmma.io.hest.read_hest`
     - a slide file → :func:`napari_sigmma.io.wsi.read_slide_sdata`
 
+    ``cancel`` (an Event or callable) is checked before and after the read, which is one
+    reader call (spatialdata-io's, or lazy dask arrays): a cancelled load raises
+    :class:`~napari_sigmma.errors.Cancelled` once that call returns.
+
     Raises
     ------
     SigmmaError
         When the path does not exist or is none of these (or its reader rejects it).
     """
+    check_cancel(cancel)
+    sdata = _read_any(path)
+    check_cancel(cancel)
+    return sdata
+
+
+def _read_any(path: str | os.PathLike[str]) -> SpatialData:
     p = Path(path)
     if not p.exists():
         raise SigmmaError("not found", path=p)
@@ -89,3 +100,30 @@ def load_any(path: str | os.PathLike[str]) -> SpatialData:
     raise SigmmaError(
         "not a slide file (.svs, .tif, .tiff, .ome.tif, .ndpi) or a data folder", path=p
     )
+
+
+def release_thread_dask_pool() -> None:
+    """Shut down the thread pool dask's threaded scheduler keeps for the calling thread.
+
+    dask keeps one pool per calling thread (other than the main one) and reaps it only once
+    that thread is gone; Qt's pool threads, where napari workers run, stay alive and count
+    as alive forever to Python, so each worker that computed a dask array (a slide read)
+    would leave that pool's idle threads behind. Call it as a worker task ends. The pools
+    of threads that have ended (helper threads of the task, e.g. tile prefetch) are shut
+    down too, as dask itself would only at its next computation.
+    """
+    import sys
+    import threading
+
+    threaded = sys.modules.get("dask.threaded")
+    pools = getattr(threaded, "pools", None)
+    lock = getattr(threaded, "pools_lock", None)
+    if pools is None or lock is None:
+        return
+    me = threading.current_thread()
+    with lock:
+        gone = [t for t in list(pools) if t is me or not t.is_alive()]
+        owned = [pools.pop(t) for t in gone]
+    for by_workers in owned:
+        for pool in by_workers.values():
+            pool.shutdown(wait=True)

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import Cancelled, SigmmaError, check_cancel
 
 
 def _rank() -> int:
@@ -171,22 +171,30 @@ def embed_slide_to_zarr(
     suffix: str = "",
     device: str = "auto",
     overwrite: bool = False,
+    cancel: Any = None,
 ) -> str:
     """Embed every tile of one slide with ``checkpoint`` and write a SpatialData ``.zarr``.
 
     A plain function of paths, so a dask.distributed worker can run it for one slide.
-    Returns the written path.
+    Returns the written path. ``cancel`` (Event or callable) is checked between batches of
+    tiles; a cancelled run raises :class:`~napari_sigmma.errors.Cancelled` and writes nothing.
     """
     import dask
 
     # lazy slide reads use the threaded scheduler: inside a dask.distributed worker the
     # default would ship the read graph (with open file handles) to the cluster
     with dask.config.set(scheduler="threads"):
-        return _embed_slide_to_zarr(checkpoint, data, out, suffix, device, overwrite)
+        return _embed_slide_to_zarr(checkpoint, data, out, suffix, device, overwrite, cancel)
 
 
 def _embed_slide_to_zarr(
-    checkpoint: str, data: str, out: str, suffix: str, device: str, overwrite: bool
+    checkpoint: str,
+    data: str,
+    out: str,
+    suffix: str,
+    device: str,
+    overwrite: bool,
+    cancel: Any = None,
 ) -> str:
     from napari_sigmma.analysis.embed import embed_tiles, embeddings_to_sdata
     from napari_sigmma.device import resolve_device
@@ -205,7 +213,9 @@ def _embed_slide_to_zarr(
     model.to(dev).eval()
     path = Path(data)
     name = path.stem if path.suffix else path.name
-    paired = PairedSlide.from_sdata(load_any(path), name=name, node_obsm=cfg.node_obsm)
+    paired = PairedSlide.from_sdata(
+        load_any(path, cancel=cancel), name=name, node_obsm=cfg.node_obsm
+    )
     grid = make_tile_grid(
         paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
     )
@@ -218,7 +228,10 @@ def _embed_slide_to_zarr(
         settings=graph_settings(cfg),
         batch_size=8,
         device=dev,
+        cancel=cancel,
     )
+    if not emb.complete:
+        raise Cancelled()
     sdata = embeddings_to_sdata(
         emb,
         paired,
@@ -229,18 +242,83 @@ def _embed_slide_to_zarr(
     return str(write_sdata(sdata, out, overwrite=overwrite))
 
 
-def _distributed_client(address: str | None, n_slides: int) -> Any:
-    """A dask.distributed client: the given scheduler, or a local cluster of processes."""
+def _distributed_client(address: str | None, n_slides: int) -> tuple[Any, Any]:
+    """A dask.distributed client and the local cluster it owns (``None`` for a given
+    scheduler): the given scheduler, or a local cluster of processes."""
     from distributed import Client, LocalCluster
 
     if address:
         try:
-            return Client(address, timeout="5s")
+            return Client(address, timeout="5s"), None
         except OSError as err:
             raise SigmmaError(f"cannot reach the dask scheduler ({err})", path=address) from err
     workers = max(1, min(n_slides, os.cpu_count() or 1))
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
-    return Client(cluster)
+    return Client(cluster), cluster
+
+
+def embed_folder(
+    checkpoint: str | os.PathLike[str],
+    paths: list[Path],
+    parts_dir: str | os.PathLike[str],
+    *,
+    scheduler: str | None = None,
+    device: str = "auto",
+    cancel: Any = None,
+    poll: float = 0.1,
+) -> list[str]:
+    """Embed several slides on dask.distributed, one task per slide; returns the parts.
+
+    Each task runs :func:`embed_slide_to_zarr` for one slide into
+    ``<parts_dir>/<k>.zarr``. ``cancel`` (Event or callable) is polled every ``poll``
+    seconds while the tasks run: on cancel the futures are cancelled, the client is
+    closed and the local cluster (its worker processes) is shut down, then
+    :class:`~napari_sigmma.errors.Cancelled` is raised. A local cluster made here is always
+    closed on return, so no worker process outlives the call.
+    """
+    from distributed import wait
+
+    parts_dir = Path(parts_dir)
+    client, cluster = _distributed_client(scheduler, len(paths))
+    futures: list[Any] = []
+    try:
+        n_workers = len(client.scheduler_info().get("workers", {}))
+        _say(
+            f"embedding {len(paths)} slides on {n_workers} dask worker(s) "
+            f"({client.scheduler.address})"
+        )
+        futures = [
+            client.submit(
+                embed_slide_to_zarr,
+                str(checkpoint),
+                str(p),
+                str(parts_dir / f"{k}.zarr"),
+                suffix=f"_{k}",
+                device=device,
+                overwrite=True,
+                pure=False,
+            )
+            for k, p in enumerate(paths)
+        ]
+        while True:
+            check_cancel(cancel)
+            try:
+                wait(futures, timeout=poll)
+                break
+            except TimeoutError:  # still running: check the cancel flag again
+                continue
+        return client.gather(futures)
+    except BaseException:
+        if futures:
+            try:
+                client.cancel(futures, force=True)
+            except Exception:  # the cluster may already be gone
+                pass
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -263,35 +341,40 @@ def run_embed(args: argparse.Namespace) -> int:
     device = getattr(args, "device", None) or "auto"
     paths = expand_data(args.data)
     out = Path(args.out)
-    if len(paths) == 1:
-        written = embed_slide_to_zarr(str(ckpt_path), str(paths[0]), str(out), device=device)
-        _say(f"wrote {written}")
-        return 0
-    parts_dir = out.with_name(out.name + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    client = _distributed_client(getattr(args, "scheduler", None), len(paths))
+    cancel = getattr(args, "cancel", None) or threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            _say("stopping (the dask tasks are cancelled); Ctrl-C again to abort")
+            cancel.set()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        n_workers = len(client.scheduler_info().get("workers", {}))
-        _say(
-            f"embedding {len(paths)} slides on {n_workers} dask worker(s) "
-            f"({client.scheduler.address})"
-        )
-        futures = [
-            client.submit(
-                embed_slide_to_zarr,
-                str(ckpt_path),
-                str(p),
-                str(parts_dir / f"{k}.zarr"),
-                suffix=f"_{k}",
-                device=device,
-                overwrite=True,
-                pure=False,
+        if len(paths) == 1:
+            written = embed_slide_to_zarr(
+                str(ckpt_path), str(paths[0]), str(out), device=device, cancel=cancel
             )
-            for k, p in enumerate(paths)
-        ]
-        written_parts = client.gather(futures)
+            _say(f"wrote {written}")
+            return 0
+        parts_dir = out.with_name(out.name + ".parts")
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            written_parts = embed_folder(
+                ckpt_path, paths, parts_dir, scheduler=getattr(args, "scheduler", None),
+                device=device, cancel=cancel,
+            )  # fmt: skip
+        except Cancelled:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            raise
+    except Cancelled:
+        _say("embed cancelled; nothing written")
+        return 130
     finally:
-        client.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     combined = sd.concatenate([read_sdata(p) for p in written_parts])
     written = write_sdata(combined, out)
     shutil.rmtree(parts_dir, ignore_errors=True)

@@ -1,15 +1,30 @@
-"""The main SIGMMA dock widget: model state, device, and the entry points to the work."""
+"""The main SIGMMA dock widget: model state, device, and the entry points to the work.
+
+Every slow step runs in a napari generator worker with a progress bar and a Cancel button:
+opening data (``Open data…``: a Xenium bundle, HEST sample, SpatialData ``.zarr`` or slide,
+read and turned into layers off the main thread), loading a checkpoint (read with
+``weights_only``, model built, hashed) and preparing the live view (slide, grid, engine).
+Cancel sets the task's event, checked between those steps (and ``worker.quit()`` stops it at
+its next yield); closing the dock or the window cancels and waits, so no thread outlives it.
+A checkpoint that cannot be loaded (missing, corrupt, or a pickle that would run code) is
+refused with an error naming the file; the previous model and the data layers stay.
+"""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
+    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -17,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sigmma.device import DEVICE_CHOICES
+from napari_sigmma.io import release_thread_dask_pool
 
 if TYPE_CHECKING:
     import napari
@@ -51,12 +67,20 @@ class SigmmaDock(QWidget):
         The viewer this dock belongs to (injected by napari).
     """
 
+    #: ``(text, done, total)`` of the running task, after each of its steps
+    progressed = Signal(str, int, int)
+
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
         self.checkpoint: str | None = None
+        self.run: Any = None  # the loaded LiveRun of ``checkpoint``
         self.controller: LiveController | None = None
-        self._loader: Any = None
+        self._loader: Any = None  # the worker preparing the live view
+        self._model_loader: Any = None  # the worker loading a checkpoint
+        # (worker, cancel, done) of every running task (open data, load model, start live)
+        self._tasks: list[tuple[Any, threading.Event, threading.Event]] = []
+        self._closed = False  # set by close_workers: late worker signals are ignored
 
         self.setObjectName("sigmma-dock")
         title = QLabel("<b>SIGMMA</b> — H&amp;E ↔ spatial transcriptomics")
@@ -64,8 +88,21 @@ class SigmmaDock(QWidget):
         self.status.setWordWrap(True)
         self.device = QComboBox()
         self.device.addItems(list(DEVICE_CHOICES))
+        self.open_button = QPushButton("Open data…")
+        self.open_button.setToolTip(
+            "A Xenium bundle, HEST-1k sample or SpatialData .zarr folder (read in the "
+            "background; Cancel stops it)"
+        )
+        self.open_button.clicked.connect(self._choose_data)
         self.load_button = QPushButton("Load checkpoint…")
         self.load_button.clicked.connect(self._choose_checkpoint)
+        self.progress = QProgressBar()
+        self.progress.setVisible(False)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(lambda: self.cancel(wait=False))
+        self.task_status = QLabel("")
+        self.task_status.setWordWrap(True)
         self.live = QCheckBox("Live SIGMMA on the visible tiles")
         self.live.setToolTip(
             "Encode the tiles in view with the loaded model and show clusters, learned "
@@ -86,11 +123,155 @@ class SigmmaDock(QWidget):
         layout = QVBoxLayout(self)
         layout.addWidget(title)
         layout.addLayout(form)
-        layout.addWidget(self.load_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.open_button)
+        buttons.addWidget(self.load_button)
+        layout.addLayout(buttons)
+        task_row = QHBoxLayout()
+        task_row.addWidget(self.progress, 1)
+        task_row.addWidget(self.cancel_button)
+        layout.addLayout(task_row)
+        layout.addWidget(self.task_status)
         layout.addWidget(self.status)
         layout.addWidget(self.live)
         layout.addWidget(self.live_status)
         layout.addStretch(1)
+        from napari_sigmma.viewer.controller import watch_window_close
+
+        # closing the napari window mid-task cancels the tasks and waits for them
+        self._close_filter = watch_window_close(self.viewer, self.close_workers)
+
+    # -- tasks (workers with progress and cancel) -----------------------------------------------
+    @property
+    def busy(self) -> bool:
+        """True while an open / load / start-live task runs or its result is not yet
+        handled (on the main thread)."""
+        return bool(self._tasks)
+
+    def _start_task(
+        self,
+        steps: Callable[..., Iterator[tuple[str, int, int]]],
+        *args: Any,
+        on_done: Callable[[Any], None],
+        on_error: Callable[[BaseException], None],
+    ) -> Any:
+        """Run generator ``steps(*args, cancel)`` in a worker: it yields ``(text, done,
+        total)`` progress and returns its result, handed to ``on_done`` unless cancelled."""
+        from napari.qt.threading import GeneratorWorker
+
+        from napari_sigmma.errors import Cancelled
+
+        cancel, done = threading.Event(), threading.Event()
+        worker = GeneratorWorker(steps, *args, cancel)
+        entry = (worker, cancel, done)
+
+        def returned(out: Any) -> None:
+            if not cancel.is_set() and not self._closed:
+                on_done(out)
+
+        def errored(err: BaseException) -> None:
+            if self._closed:
+                return
+            if isinstance(err, Cancelled) or cancel.is_set():
+                self.task_status.setText("Cancelled.")
+            else:
+                on_error(err)
+
+        def aborted() -> None:
+            if not self._closed:
+                self.task_status.setText("Cancelled.")
+
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(returned)
+        worker.errored.connect(errored)
+        worker.aborted.connect(aborted)
+        # in the worker thread as its run ends: free dask's pool for this thread, then mark it
+        # done (so cancel(wait=True) needs no event loop)
+        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(lambda e=entry: self._task_ended(e))
+        self._tasks.append(entry)
+        self.progress.setRange(0, 0)
+        self.progress.setVisible(True)
+        self.cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def _on_progress(self, item: tuple[str, int, int]) -> None:
+        if self._closed:
+            return
+        text, done, total = item
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.task_status.setText(text)
+        self.progressed.emit(text, int(done), int(total))
+
+    def _task_ended(self, entry: tuple[Any, threading.Event, threading.Event]) -> None:
+        if entry in self._tasks:
+            self._tasks.remove(entry)
+        if not self._tasks and not self._closed:
+            self.progress.setVisible(False)
+            self.cancel_button.setEnabled(False)
+
+    def cancel(self, *, wait: bool = False, timeout: float = 30.0) -> None:
+        """Cancel every running task (open data, load model, start live); ``wait`` blocks
+        until their threads have ended (at most ``timeout`` s)."""
+        import time
+
+        tasks = list(self._tasks)
+        for worker, cancel, _done in tasks:
+            cancel.set()
+            try:
+                worker.quit()
+            except RuntimeError:
+                pass
+        if tasks:
+            self.task_status.setText("Cancelling…")
+        if wait:
+            end = time.monotonic() + timeout
+            for _, _, done in tasks:
+                done.wait(max(0.0, end - time.monotonic()))
+            from qtpy.QtCore import QThreadPool
+
+            # ``done`` is set as the runnable's last slot runs; let it return to the pool
+            QThreadPool.globalInstance().waitForDone(1000)
+
+    # -- data ----------------------------------------------------------------------------------
+    def _choose_data(self) -> None:
+        path = QFileDialog.getExistingDirectory(
+            self, "Xenium bundle, HEST-1k sample or SpatialData .zarr"
+        )
+        if path:
+            self.open_data(path)
+
+    def open_data(self, path: str) -> Any:
+        """Read ``path`` (anything :func:`napari_sigmma.io.load_any` reads) in a worker and
+        add its layers; returns the worker (Cancel stops it, nothing is added)."""
+
+        def add(layers: list[tuple[Any, ...]]) -> None:
+            from napari.layers import Layer
+
+            from napari_sigmma.viewer.hooks import _notify
+            from napari_sigmma.viewer.layers import layer_notes
+
+            for data in layers:
+                self.viewer.add_layer(Layer.create(*data))
+            for note in layer_notes(layers):
+                _notify(note)
+            self.status.setText(f"Opened {path} ({len(layers)} layers).")
+
+        return self._start_task(
+            _open_steps,
+            path,
+            on_done=add,
+            on_error=lambda err: self._report_error(f"could not open it: {err}"),
+        )
+
+    def _report_error(self, text: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(f"Error: {text}")
+        show_error(f"napari-sigmma {text}")
 
     # -- model ---------------------------------------------------------------------------------
     def _choose_checkpoint(self) -> None:
@@ -100,13 +281,53 @@ class SigmmaDock(QWidget):
         if path:
             self.set_checkpoint(path)
 
-    def set_checkpoint(self, path: str) -> None:
-        """Record the checkpoint to use and say so (live view restarts with it)."""
-        self.checkpoint = path
-        self.status.setText(f"Model: {path}")
-        if self.live.isChecked():
-            self.stop_live()
-            self.start_live()
+    def set_checkpoint(self, path: str) -> Any:
+        """Load the checkpoint at ``path`` in a worker (safe load: plain tensors only).
+
+        On success it becomes the model (the live view restarts with it); on failure the
+        status and a notification name the file and the previous model stays. Returns the
+        worker.
+        """
+        for worker in (self._model_loader, self._loader):
+            self._stop_task(worker)  # an older model load or live start is obsolete
+        self.status.setText(f"Loading model {path}…")
+
+        def ready(run: Any) -> None:
+            self._model_loader = None
+            self.checkpoint, self.run = path, run
+            self.status.setText(f"Model: {path}")
+            if self.live.isChecked():
+                self.stop_live()
+                self.start_live()
+
+        def failed(err: BaseException) -> None:
+            self._model_loader = None
+            self._report_error(f"could not load the checkpoint: {err}")
+            if self.checkpoint is not None:
+                self.status.setText(self.status.text() + f" (still using {self.checkpoint})")
+
+        worker = self._start_task(_model_steps, path, on_done=ready, on_error=failed)
+        worker.finished.connect(lambda w=worker: self._forget_model_loader(w))
+        self._model_loader = worker
+        return worker
+
+    def _forget_model_loader(self, worker: Any) -> None:
+        if self._model_loader is worker:  # cancelled: neither ready nor failed ran
+            self._model_loader = None
+            if self._closed:
+                return
+            self.status.setText(
+                f"Model: {self.checkpoint}" if self.checkpoint is not None else NO_MODEL_TEXT
+            )
+
+    def _stop_task(self, worker: Any) -> None:
+        for w, cancel, _done in self._tasks:
+            if w is worker:
+                cancel.set()
+                try:
+                    w.quit()
+                except RuntimeError:
+                    pass
 
     # -- live view -----------------------------------------------------------------------------
     def _on_live_toggled(self, on: bool) -> None:
@@ -123,9 +344,13 @@ class SigmmaDock(QWidget):
         self.live_status.setText(text)
 
     def start_live(self) -> None:
-        """Load the model and the slide in a worker, then follow the camera."""
-        from napari.qt.threading import FunctionWorker
+        """Load the slide (and the model if needed) in a worker, then follow the camera.
 
+        While a checkpoint is still loading, the live view starts when it is ready.
+        """
+        if self._model_loader is not None:
+            self._say("Waiting for the model to load…")
+            return
         layer = find_he_layer(self.viewer)
         if self.checkpoint is None:
             self._say(NO_MODEL_TEXT)
@@ -136,11 +361,16 @@ class SigmmaDock(QWidget):
             return
         self._say("Loading the model and the slide…")
         device = self.device.currentText()
-        worker = FunctionWorker(_load_live, self.checkpoint, layer.metadata["sdata_path"], device)
-        worker.returned.connect(lambda out, ly=layer: self._live_ready(ly, *out))
-        worker.errored.connect(lambda err: self._say(f"Could not start: {err}"))
+        run = self.run if self.run is not None else self.checkpoint
+        worker = self._start_task(
+            _live_steps,
+            run,
+            layer.metadata["sdata_path"],
+            device,
+            on_done=lambda out, ly=layer: self._live_ready(ly, *out),
+            on_error=lambda err: self._say(f"Could not start: {err}"),
+        )
         self._loader = worker
-        worker.start()
 
     def _live_ready(self, layer: Any, engine: Any, gene_head: Any) -> None:
         from napari_sigmma.viewer.controller import LiveController
@@ -156,25 +386,71 @@ class SigmmaDock(QWidget):
 
     def stop_live(self) -> None:
         """Stop the live view (workers cancelled; layers stay)."""
+        self._stop_task(self._loader)
+        self._loader = None
         if self.controller is not None:
             self.controller.close()
             self.controller = None
         self._say("")
 
+    def close_workers(self, timeout: float = 30.0) -> None:
+        """Cancel every task and the live view, and wait for their threads (the dock is
+        closing: what they still report is ignored)."""
+        self._closed = True
+        self.cancel(wait=True, timeout=timeout)
+        self._tasks.clear()
+        self._model_loader = self._loader = None
+        if self.controller is not None:
+            self.controller.close()
+            self.controller = None
+
     def closeEvent(self, event: Any) -> None:
-        self.stop_live()
+        self.close_workers()
         super().closeEvent(event)
 
 
-def _load_live(checkpoint: str, sdata_path: str, device: str) -> tuple[Any, Any]:
-    """Worker: run, slide, grid, engine (disk cache next to the data)."""
+# -- worker steps (generators: yield progress, check the cancel event between steps) ----------
+def _open_steps(path: str, cancel: threading.Event) -> Iterator[tuple[str, int, int]]:
+    """Worker: read ``path`` and build its layer data."""
+    from napari_sigmma.viewer.hooks import layers_for
+
+    yield f"Reading {path}…", 0, 1
+    layers = layers_for(path, cancel=cancel)
+    yield f"Read {path}", 1, 1
+    return layers
+
+
+def _model_steps(path: str, cancel: threading.Event) -> Iterator[tuple[str, int, int]]:
+    """Worker: the checkpoint's :class:`~napari_sigmma.analysis.liverun.LiveRun`."""
+    from napari_sigmma.analysis.liverun import load_live_run
+
+    yield f"Loading model {path}…", 0, 1
+    run = load_live_run(path, cancel=cancel)
+    yield f"Loaded model {path}", 1, 1
+    return run
+
+
+def _live_steps(
+    run: Any, sdata_path: str, device: str, cancel: threading.Event
+) -> Iterator[tuple[str, int, int]]:
+    """Worker: run (a LiveRun, or a checkpoint to load), slide, grid, engine (disk cache
+    next to the data); returns ``(engine, gene_head)``."""
     from napari_sigmma.analysis.liverun import load_live_run
     from napari_sigmma.analysis.tilecache import default_cache_root
+    from napari_sigmma.errors import check_cancel
     from napari_sigmma.io import load_any
     from napari_sigmma.tiles.paired import PairedSlide
     from napari_sigmma.train.trainer import _slide_names
 
-    run = load_live_run(checkpoint)
-    paired = PairedSlide.from_sdata(load_any(sdata_path), name=_slide_names([sdata_path])[0])
+    if not hasattr(run, "engine"):
+        yield "Loading the model…", 0, 3
+        run = load_live_run(run, cancel=cancel)
+    yield "Reading the slide…", 1, 3
+    sdata = load_any(sdata_path, cancel=cancel)
+    paired = PairedSlide.from_sdata(sdata, name=_slide_names([sdata_path])[0])
+    check_cancel(cancel)
+    yield "Preparing the tile grid and the engine…", 2, 3
     engine = run.engine(paired, device=device, cache_dir=default_cache_root(sdata_path))
+    check_cancel(cancel)
+    yield "Live view ready", 3, 3
     return engine, run.gene_head

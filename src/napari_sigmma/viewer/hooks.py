@@ -18,8 +18,10 @@ from typing import Any
 from napari_sigmma.errors import SigmmaError
 
 __all__ = [
+    "DASK_CACHE_MAX_BYTES",
     "SYNTHETIC_SEED",
     "SYNTHETIC_SIZE",
+    "bound_dask_cache",
     "embedded_sample_data",
     "get_folder_reader",
     "get_slide_reader",
@@ -33,6 +35,11 @@ ReaderFunction = Callable[[PathOrPaths], list[tuple[Any, ...]]]
 #: The synthetic sample offered in File > Open Sample is small so it opens quickly.
 SYNTHETIC_SIZE = 2048
 SYNTHETIC_SEED = 0
+#: Bound on napari's opportunistic dask cache once a lazy (dask) layer is opened. napari
+#: sizes that cache at 25 % of the machine's RAM (``settings.application.dask.cache``);
+#: panning over a whole slide fills it with decoded tiles, so RSS grows by gigabytes.
+#: 512 MB still holds ~40 full-screen level-0 views for revisits.
+DASK_CACHE_MAX_BYTES = 512 * 2**20
 #: napari's "the file was read but there is nothing to add" value.
 _NOTHING = [(None,)]
 
@@ -51,14 +58,27 @@ def _notify(message: str, *, error: bool = False) -> None:
     (show_error if error else show_info)(message)
 
 
-def layers_for(path: str | os.PathLike[str]) -> list[tuple[Any, dict[str, Any], str]]:
-    """Read ``path`` with :func:`napari_sigmma.io.load_any` and build its layers (may raise)."""
+def layers_for(
+    path: str | os.PathLike[str], *, cancel: Any = None
+) -> list[tuple[Any, dict[str, Any], str]]:
+    """Read ``path`` with :func:`napari_sigmma.io.load_any` and build its layers (may raise).
+
+    ``cancel`` (Event or callable) is checked between the read and the layers: a cancelled
+    read raises :class:`~napari_sigmma.errors.Cancelled`. When a layer is lazy (dask), napari's
+    opportunistic dask cache is bounded (:func:`bound_dask_cache`).
+    """
+    from napari_sigmma.errors import check_cancel
     from napari_sigmma.io import load_any
     from napari_sigmma.viewer.layers import sdata_layers
 
     p = Path(path)
-    sdata = load_any(p)
-    return sdata_layers(sdata, sdata_path=str(p), name_prefix=_display_name(p))
+    sdata = load_any(p, cancel=cancel)
+    check_cancel(cancel)
+    layers = sdata_layers(sdata, sdata_path=str(p), name_prefix=_display_name(p))
+    if _has_dask(layers):
+        # lazy slides: keep napari's tile cache from growing to a quarter of the RAM
+        bound_dask_cache()
+    return layers
 
 
 def _display_name(path: Path) -> str:
@@ -68,6 +88,39 @@ def _display_name(path: Path) -> str:
         if name.lower().endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def bound_dask_cache(max_bytes: int = DASK_CACHE_MAX_BYTES) -> int:
+    """Shrink napari's global opportunistic dask cache to at most ``max_bytes``.
+
+    A smaller cache (or a disabled one: size 0) is left alone. The napari setting itself is
+    not changed (nothing is written to the user's settings file): changing the cache size
+    in napari's preferences, or creating another viewer window, applies the setting again.
+
+    Returns
+    -------
+    int
+        The cache's size in bytes afterwards.
+    """
+    from napari.utils import resize_dask_cache
+    from napari.utils._dask_utils import _DASK_CACHE
+
+    current = int(_DASK_CACHE.cache.available_bytes)
+    # 1 byte is napari's "not created yet" value: it would become 25 % of the RAM
+    if current == 1 or current > max_bytes:
+        resize_dask_cache(int(max_bytes))
+    return int(_DASK_CACHE.cache.available_bytes)
+
+
+def _has_dask(layers: list[tuple[Any, ...]]) -> bool:
+    import dask
+
+    for layer in layers:
+        data = layer[0]
+        items = data if isinstance(data, list | tuple) else [data]
+        if any(dask.is_dask_collection(a) for a in items):
+            return True
+    return False
 
 
 def read_path(path: PathOrPaths) -> list[tuple[Any, ...]]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -46,6 +46,7 @@ from napari_sigmma.analysis.retrieve import (
     top_genes,
 )
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.io import release_thread_dask_pool
 
 if TYPE_CHECKING:
     import napari
@@ -77,16 +78,56 @@ def find_live_controller(viewer: Any) -> Any | None:
     return None
 
 
-def _load_engine(checkpoint: str, sdata_path: str, device: str) -> Any:
-    """Worker: the run's engine on the slide at ``sdata_path`` (disk cache next to the data)."""
+def _load_engine(checkpoint: str, sdata_path: str, device: str, cancel: Any = None) -> Any:
+    """Worker: the run's engine on the slide at ``sdata_path`` (disk cache next to the data);
+    ``cancel`` is checked between the steps."""
     from napari_sigmma.analysis.liverun import load_live_run
     from napari_sigmma.analysis.tilecache import default_cache_root
+    from napari_sigmma.errors import check_cancel
     from napari_sigmma.io import load_any
     from napari_sigmma.tiles.paired import PairedSlide
 
-    run = load_live_run(checkpoint)
-    paired = PairedSlide.from_sdata(load_any(sdata_path), name=Path(sdata_path).name)
+    run = load_live_run(checkpoint, cancel=cancel)
+    paired = PairedSlide.from_sdata(load_any(sdata_path, cancel=cancel), name=Path(sdata_path).name)
+    check_cancel(cancel)
     return run, run.engine(paired, device=device, cache_dir=default_cache_root(sdata_path))
+
+
+def _reference_steps(engine: Any, path: str, cancel: threading.Event):
+    """Worker generator: read the reference slide at ``path``, grid it like ``engine``'s
+    slide and encode every tile with ``engine``'s model, yielding ``(text, done, total)``
+    per batch; returns ``(name, paired, grid, results)``. A set ``cancel`` stops it between
+    batches (raising :class:`~napari_sigmma.errors.Cancelled`)."""
+    from napari_sigmma.analysis.engine import EmbeddingEngine
+    from napari_sigmma.analysis.tilecache import default_cache_root
+    from napari_sigmma.errors import check_cancel
+    from napari_sigmma.io import load_any
+    from napari_sigmma.tiles.grid import make_tile_grid
+    from napari_sigmma.tiles.paired import PairedSlide
+
+    yield f"Reading reference {path}…", 0, 0
+    paired = PairedSlide.from_sdata(load_any(path, cancel=cancel), name=Path(path).name)
+    g = engine.grid
+    grid = make_tile_grid(paired, tile_px=g.tile_px, target_mpp=g.target_mpp)
+    check_cancel(cancel)
+    ref = EmbeddingEngine(
+        engine.model, paired, grid, featurizer=engine.featurizer,
+        graph_settings=engine.graph_settings, device=engine.device,
+        cache_dir=default_cache_root(path), checkpoint_hash=engine.checkpoint_hash,
+        batch_size=engine.batch_size, attention=False, run=engine.run,
+    )  # fmt: skip
+    ids = list(grid.tile_ids)
+    results: list[Any] = []
+    yield f"Encoding reference {paired.name}: 0 / {len(ids)} tiles", 0, len(ids)
+    for batch in ref.encode(ids, cancel):
+        results.extend(batch)
+        yield (
+            f"Encoding reference {paired.name}: {len(results)} / {len(ids)} tiles",
+            len(results),
+            len(ids),
+        )
+    check_cancel(cancel)
+    return paired.name, paired, grid, results
 
 
 def _encode_all(engine: Any, cancel: threading.Event):
@@ -107,6 +148,9 @@ class RetrievalWidget(QWidget):
         The viewer (injected by napari).
     """
 
+    #: ``(text, done, total)`` after each batch of a whole-slide or reference encoding
+    progressed = Signal(str, int, int)
+
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -117,7 +161,9 @@ class RetrievalWidget(QWidget):
         self.run: Any = None
         self.matches: list[Match] = []
         self.last_query: dict[str, Any] = {}
-        self._workers: list[tuple[Any, threading.Event]] = []
+        # (worker, cancel, done) of every running load / encode / reference worker
+        self._workers: list[tuple[Any, threading.Event, threading.Event]] = []
+        self._closed = False  # the window is closing: late worker signals are ignored
         self._controller: Any = None
 
         self.setObjectName("sigmma-retrieval")
@@ -139,6 +185,10 @@ class RetrievalWidget(QWidget):
         self.encode_button.clicked.connect(lambda: self.encode_all())
         self.progress = QProgressBar()
         self.progress.setVisible(False)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setToolTip("Stop the whole-slide or reference encoding")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(lambda: self.cancel())
         self.ref_button = QPushButton("Add reference slide…")
         self.ref_button.setToolTip(
             "A Xenium bundle or SpatialData .zarr, encoded with the same model; its tiles are "
@@ -170,15 +220,27 @@ class RetrievalWidget(QWidget):
         layout.addLayout(buttons)
         layout.addLayout(form)
         layout.addWidget(self.encode_button)
-        layout.addWidget(self.progress)
+        progress_row = QHBoxLayout()
+        progress_row.addWidget(self.progress, 1)
+        progress_row.addWidget(self.cancel_button)
+        layout.addLayout(progress_row)
         layout.addWidget(self.ref_button)
         layout.addWidget(self.cells_button)
         layout.addWidget(self.status)
         layout.addWidget(self.table, 1)
+        from napari_sigmma.viewer.controller import watch_window_close
+
+        # closing the napari window mid-encode cancels the workers and waits for them
+        self._close_filter = watch_window_close(self.viewer, self._on_window_close)
 
     # -- set-up ------------------------------------------------------------------------------
     def _say(self, text: str) -> None:
-        self.status.setText(text)
+        if not self._closed:
+            self.status.setText(text)
+
+    def _on_window_close(self) -> None:
+        self._closed = True
+        self.close_workers()
 
     def attach_live(self) -> bool:
         """Use the engine of the SIGMMA dock's live view (and follow its new tiles)."""
@@ -217,17 +279,67 @@ class RetrievalWidget(QWidget):
             self._say("Open a slide with this plugin first (it needs the cells of the slide).")
             return None
         self._say("Loading the model and the slide…")
-        worker = FunctionWorker(_load_engine, checkpoint, layer.metadata["sdata_path"], device)
+        cancel = threading.Event()
+        worker = FunctionWorker(
+            _load_engine, checkpoint, layer.metadata["sdata_path"], device, cancel
+        )
 
         def ready(out: tuple[Any, Any]) -> None:
+            if cancel.is_set():
+                return
             self.run = out[0]
             self.set_engine(out[1], layer)
 
         worker.returned.connect(ready)
-        worker.errored.connect(lambda err: self._say(f"Could not load: {err}"))
-        self._workers.append((worker, threading.Event()))
+        worker.errored.connect(lambda err: self._failed("Could not load", err, cancel))
+        self._track(worker, cancel)
         worker.start()
         return worker
+
+    def _track(self, worker: Any, cancel: threading.Event) -> None:
+        """Keep ``worker`` until it ends (Cancel and closing the widget stop it)."""
+        done = threading.Event()
+        entry = (worker, cancel, done)
+        # in the worker thread as its run ends: free dask's pool for this thread, then mark
+        # it done (close_workers waits without an event loop)
+        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(lambda e=entry: self._forget(e))
+        self._workers.append(entry)
+        self.cancel_button.setEnabled(True)
+
+    def _forget(self, entry: tuple[Any, threading.Event, threading.Event]) -> None:
+        if entry in self._workers:
+            self._workers.remove(entry)
+        if not self._workers and not self._closed:
+            self.cancel_button.setEnabled(False)
+            self.progress.setVisible(False)
+            self.encode_button.setEnabled(True)
+
+    def _failed(self, what: str, err: BaseException, cancel: threading.Event) -> None:
+        from napari_sigmma.errors import Cancelled
+
+        if isinstance(err, Cancelled) or cancel.is_set():
+            self._say("Cancelled.")
+        else:
+            self._say(f"{what}: {err}")
+
+    @property
+    def busy(self) -> bool:
+        """True while a load / encode / reference worker runs or its end is not yet
+        handled (on the main thread)."""
+        return bool(self._workers)
+
+    def cancel(self) -> None:
+        """Stop every running worker at its next batch (what the Cancel button does)."""
+        for worker, cancel, _done in list(self._workers):
+            cancel.set()
+            try:
+                worker.quit()
+            except (AttributeError, RuntimeError):
+                pass
+        if self._workers:
+            self._say("Cancelling…")
 
     def set_engine(
         self, engine: EmbeddingEngine, image_layer: Any, *, slide_name: str | None = None
@@ -288,8 +400,8 @@ class RetrievalWidget(QWidget):
         worker = GeneratorWorker(_encode_all, eng, cancel)
         worker.yielded.connect(self._on_encoded)
         worker.finished.connect(self._encoded_done)
-        worker.errored.connect(lambda err: self._say(f"Encoding failed: {err}"))
-        self._workers.append((worker, cancel))
+        worker.errored.connect(lambda err: self._failed("Encoding failed", err, cancel))
+        self._track(worker, cancel)
         self.progress.setRange(0, len(eng.grid))
         self.progress.setValue(0)
         self.progress.setVisible(True)
@@ -298,13 +410,18 @@ class RetrievalWidget(QWidget):
         return worker
 
     def _on_encoded(self, item: tuple[list[Any], int, int]) -> None:
+        if self._closed:
+            return
         batch, done, total = item
         self.store.add_results(self.slide_name, self.engine.paired, self.engine.grid, batch)
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self._say(f"Encoded {done} / {total} tiles")
+        self.progressed.emit(self.status.text(), int(done), int(total))
 
     def _encoded_done(self) -> None:
+        if self._closed:
+            return
         self.progress.setVisible(False)
         self.encode_button.setEnabled(True)
         self.save()
@@ -317,7 +434,8 @@ class RetrievalWidget(QWidget):
             self.add_reference(path)
 
     def add_reference(self, path: str, *, blocking: bool = False) -> Any:
-        """Encode a reference slide with the same model (worker) and add it to the search.
+        """Encode a reference slide with the same model (worker with progress; Cancel stops
+        it between batches and nothing is added) and add it to the search.
 
         Returns the worker, or (``blocking``) the name the slide is indexed under.
         """
@@ -325,25 +443,6 @@ class RetrievalWidget(QWidget):
             self._say(NO_ENGINE_TEXT)
             return None
         eng = self.engine
-
-        def work() -> tuple[str, Any, Any, list[Any]]:
-            from napari_sigmma.analysis.engine import EmbeddingEngine
-            from napari_sigmma.analysis.tilecache import default_cache_root
-            from napari_sigmma.io import load_any
-            from napari_sigmma.tiles.grid import make_tile_grid
-            from napari_sigmma.tiles.paired import PairedSlide
-
-            paired = PairedSlide.from_sdata(load_any(path), name=Path(path).name)
-            g = eng.grid
-            grid = make_tile_grid(paired, tile_px=g.tile_px, target_mpp=g.target_mpp)
-            ref = EmbeddingEngine(
-                eng.model, paired, grid, featurizer=eng.featurizer,
-                graph_settings=eng.graph_settings, device=eng.device,
-                cache_dir=default_cache_root(path), checkpoint_hash=eng.checkpoint_hash,
-                batch_size=eng.batch_size, attention=False, run=eng.run,
-            )  # fmt: skip
-            results = [r for batch in ref.encode(list(grid.tile_ids)) for r in batch]
-            return paired.name, paired, grid, results
 
         def done(out: tuple[str, Any, Any, list[Any]]) -> str:
             name, paired, grid, results = out
@@ -353,17 +452,36 @@ class RetrievalWidget(QWidget):
             self._say(f"Reference slide {name}: {len(results)} tiles indexed.")
             return name
 
+        cancel = threading.Event()
         if blocking:
-            return done(work())
-        from napari.qt.threading import FunctionWorker
+            steps = _reference_steps(eng, path, cancel)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as stop:
+                    return done(stop.value)
+        from napari.qt.threading import GeneratorWorker
 
-        worker = FunctionWorker(work)
-        worker.returned.connect(done)
-        worker.errored.connect(lambda err: self._say(f"Reference failed: {err}"))
-        self._workers.append((worker, threading.Event()))
+        worker = GeneratorWorker(_reference_steps, eng, path, cancel)
+        worker.yielded.connect(self._on_reference_progress)
+        worker.returned.connect(lambda out: None if cancel.is_set() else done(out))
+        worker.errored.connect(lambda err: self._failed("Reference failed", err, cancel))
+        worker.aborted.connect(lambda: self._say("Cancelled."))
+        self._track(worker, cancel)
+        self.progress.setRange(0, 0)
+        self.progress.setVisible(True)
         self._say(f"Encoding reference {path}…")
         worker.start()
         return worker
+
+    def _on_reference_progress(self, item: tuple[str, int, int]) -> None:
+        if self._closed:
+            return
+        text, done, total = item
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self._say(text)
+        self.progressed.emit(text, int(done), int(total))
 
     # -- queries -------------------------------------------------------------------------------
     def _on_click(self, layer: Any, event: Any):
@@ -567,16 +685,18 @@ class RetrievalWidget(QWidget):
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_workers(self, timeout: float = 30.0) -> None:
-        """Cancel running encodes and wait for them (at most ``timeout`` s each)."""
-        for worker, cancel in self._workers:
-            cancel.set()
-            try:
-                worker.quit()
-            except (AttributeError, RuntimeError):
-                pass
+        """Cancel running workers and wait for them (at most ``timeout`` s in all)."""
+        import time
+
+        workers = list(self._workers)
+        self.cancel()
+        end = time.monotonic() + timeout
+        for _, _, done in workers:
+            done.wait(max(0.0, end - time.monotonic()))
         from qtpy.QtCore import QThreadPool
 
-        QThreadPool.globalInstance().waitForDone(int(timeout * 1000))
+        # ``done`` is set as the runnable's last slot runs; let it return to the pool
+        QThreadPool.globalInstance().waitForDone(1000)
         self._workers.clear()
         if self._controller is not None:
             try:
