@@ -19,7 +19,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.synthetic:
         from napari_sigmma.io.synthetic import write_synthetic_sample
 
-        out = write_synthetic_sample(args.out, size=args.size, seed=args.seed)
+        out = write_synthetic_sample(
+            args.out,
+            size=args.size,
+            seed=args.seed,
+            cell_window=args.cell_window,
+            render=args.render,
+            workers=args.workers,
+            progress=(lambda msg: print(msg, flush=True)) if args.verbose else None,
+        )
     else:
         from napari_sigmma.io.sample import write_embedded_sample
 
@@ -72,6 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--synthetic", action="store_true", help="procedural tissue instead")
     s.add_argument("--size", type=int, default=4096, help="synthetic slide side, pixels")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--cell-window",
+        type=int,
+        default=16384,
+        help="synthetic: side (px) of the centred window that gets cells on larger slides",
+    )
+    s.add_argument(
+        "--render",
+        choices=["auto", "exact", "fast"],
+        default="auto",
+        help="synthetic H&E: exact everywhere, or composed from a tile bank outside the "
+        "cell window (fast; auto = fast when there is a window)",
+    )
+    s.add_argument(
+        "--workers", type=int, default=1, help="synthetic: processes rendering H&E tiles"
+    )
+    s.add_argument("--verbose", action="store_true", help="print progress")
     s.set_defaults(func=_cmd_sample)
 
     t = sub.add_parser("train", help="train or fine-tune the SIGMMA encoders")
@@ -118,7 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput, event-loop stall, cache and memory figures")
     b.add_argument("--scale", action="store_true", help="big-slide memory and retrieval scale")
+    b.add_argument(
+        "--cancel",
+        action="store_true",
+        help="cancel latency of load, embed, train, cluster and retrieve (API and widgets)",
+    )
     b.add_argument("--out", type=Path, default=Path("bench_out"))
+    b.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="with --scale: measure this slide (default: write a 40k px synthetic one)",
+    )
+    b.add_argument(
+        "--events",
+        type=int,
+        default=None,
+        help="with --scale: camera events of the viewer walk (default 1000; 0 skips it)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="open napari on the embedded sample with the plugin")
