@@ -156,9 +156,9 @@ def _tiles_of_layer(layer, live) -> set[str]:
 
 
 def _wait_idle(qtbot, ctl, timeout: int = 180_000) -> None:
+    # ``busy`` covers running workers, batches posted to the main thread and not drawn yet,
+    # and queued layer updates: when it is False, the layers are final (no extra spin)
     qtbot.waitUntil(lambda: not ctl.busy and not ctl._timer.isActive(), timeout=timeout)
-    # a worker is done once its last batch is posted; spin the loop so it is drawn
-    qtbot.wait(200)
 
 
 def test_no_model_state_keeps_data_layers(make_napari_viewer, live) -> None:
@@ -195,7 +195,13 @@ def test_overlays_for_exactly_the_visible_tiles_then_cache(make_napari_viewer, q
         meta = ly.metadata
         assert meta["run"] == "test-run" and meta["sdata_element"] in ("he_image", "table")
         if meta["sigmma_kind"] == "gene_measured":
-            continue  # data, shown for the whole slide
+            # data, shown for the whole slide, beside it (right of the H&E, same rows)
+            he_ext = np.asarray(layer.extent.world)
+            ext = np.asarray(ly.extent.world)
+            assert ext[0, -1] > he_ext[1, -1]
+            pred = next(p for p in sig if p.metadata["sigmma_kind"] == "gene_predicted")
+            np.testing.assert_allclose(ext[:, -2], np.asarray(pred.extent.world)[:, -2])
+            continue
         want = valid if meta["sigmma_kind"] in ("cell_clusters", "edges") else expected
         if meta["sigmma_kind"] == "edges" and meta["scale"] != "micro":
             # added edges exist only where the edge layer accepted some
@@ -216,10 +222,16 @@ def test_overlays_for_exactly_the_visible_tiles_then_cache(make_napari_viewer, q
     t0 = time.perf_counter()
     _look_at(viewer, live, c + 1.0, r + 1.0, 1.5)
     ms = (time.perf_counter() - t0) * 1000
-    assert ctl.overlays.shown_tiles() == expected  # drawn in the camera event itself
-    assert not ctl._timer.isActive() and not ctl.busy
-    assert live["counter"].n == before
+    assert ctl.overlays.shown_tiles() == expected  # taken from memory in the camera event
+    # no encoding is scheduled: what is left are layer updates queued for the next turns
+    assert not ctl._timer.isActive() and not ctl._workers
     assert ms < 2000
+    qtbot.waitUntil(lambda: not ctl.busy, timeout=10_000)
+    assert live["counter"].n == before
+    for ly in sig:
+        if ly.visible and ly.metadata["sigmma_kind"] in ("clusters", "cell_clusters"):
+            want = valid if ly.metadata["sigmma_kind"] == "cell_clusters" else expected
+            assert _tiles_of_layer(ly, live) == want, ly.name
     ctl.close()
 
     # a restart (new engine, same disk cache): the region comes from disk, still no forward

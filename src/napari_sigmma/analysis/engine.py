@@ -308,25 +308,46 @@ class EmbeddingEngine:
                 hits.append(res)
         if hits and cached_first:
             yield hits
-        for chunk in iter_chunks(todo, self.batch_size):
-            if _cancelled(cancel):
-                return
-            # a result may have arrived meanwhile (another worker on the same engine)
-            chunk = [t for t in chunk if t not in self.memory]
-            if not chunk:
-                continue
-            with self._lock:
+        chunks = list(iter_chunks(todo, self.batch_size))
+        if not chunks:
+            return
+        self._ensure_cells()  # once, before a prefetch thread can race for it
+        # the next batch is read and its graphs built in a helper thread while the model
+        # runs on this one (tile decoding and most of numpy/scipy release the GIL)
+        ahead: _Prefetch | None = None
+        try:
+            for n, chunk in enumerate(chunks):
                 if _cancelled(cancel):
                     return
-                prep = self.prepare([self._index[t] for t in chunk])
-                results = self.forward(prep, cancel=cancel)
-            if results is None:
-                return
-            for r in results:
-                self.memory.put(r)
-                if self.disk is not None:
-                    self.disk.put(r)
-            yield results
+                # a result may have arrived meanwhile (another worker on the same engine)
+                chunk = [t for t in chunk if t not in self.memory]
+                if ahead is not None:
+                    prep = ahead.result()
+                    ahead = None
+                elif chunk:
+                    prep = self.prepare([self._index[t] for t in chunk])
+                else:
+                    continue
+                if n + 1 < len(chunks) and not _cancelled(cancel):
+                    nxt = [t for t in chunks[n + 1] if t not in self.memory]
+                    if nxt:
+                        ahead = _Prefetch(self.prepare, [self._index[t] for t in nxt])
+                if not chunk:
+                    continue
+                with self._lock:
+                    if _cancelled(cancel):
+                        return
+                    results = self.forward(prep, cancel=cancel)
+                if results is None:
+                    return
+                for r in results:
+                    self.memory.put(r)
+                    if self.disk is not None:
+                        self.disk.put(r)
+                yield results
+        finally:
+            if ahead is not None:
+                ahead.join()  # no thread outlives the generator
 
     def encode_indices(self, indices: Sequence[int]) -> list[TileResult]:
         """Encode grid ``indices`` now, bypassing the caches (benchmarks, gene-head fits)."""
@@ -538,6 +559,34 @@ class EmbeddingEngine:
         else:
             for r in held:
                 r.genes_pred = r.genes_pred_micro = None
+
+
+class _Prefetch:
+    """``fn(arg)`` running in a daemon thread; :meth:`result` waits and returns it (or
+    raises what it raised)."""
+
+    def __init__(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        self._out: Any = None
+        self._err: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, arg), name="sigmma-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            self._out = fn(arg)
+        except BaseException as err:  # handed to the consumer
+            self._err = err
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._err is not None:
+            raise self._err
+        return self._out
 
 
 def crop_embeddings(model: Any, crop_feats: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ import numpy as np
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 
 from napari_sigmma.analysis.visible import clip_box, visible_tiles
+from napari_sigmma.io import release_thread_dask_pool
 from napari_sigmma.viewer.overlays import Frame, LiveOverlays
 
 if TYPE_CHECKING:
@@ -112,6 +113,24 @@ class _CloseFilter(QObject):
         return False
 
 
+def watch_window_close(viewer: Any, callback: Callable[[], None]) -> QObject | None:
+    """Call ``callback`` when the viewer's window is about to close (keep the returned
+    filter referenced); ``None`` for a viewer without a window."""
+    qt_window = getattr(getattr(unwrap(viewer), "window", None), "_qt_window", None)
+    if qt_window is None:
+        return None
+
+    def guarded() -> None:
+        try:
+            callback()
+        except RuntimeError:  # the widget behind ``callback`` is already deleted
+            pass
+
+    flt = _CloseFilter(guarded)
+    qt_window.installEventFilter(flt)
+    return flt
+
+
 class LiveController(QObject):
     """Keeps the SIGMMA overlays in step with what the viewer shows.
 
@@ -136,6 +155,11 @@ class LiveController(QObject):
         Refit clusters when the encoded tiles grew by this factor and by at least this many.
     genes, gene_head
         Genes to map and the ridge head predicting them.
+    draw_budget_ms
+        Main-thread time spent on layer updates per event-loop turn (a revisit of cached
+        tiles gets three times this in the camera event itself).
+    min_draw_interval_ms
+        Batches arriving sooner than this after the last draw are drawn together.
     """
 
     status_changed = Signal(str)
@@ -160,6 +184,8 @@ class LiveController(QObject):
         gene_head: GeneHead | None = None,
         he_mpp: float | None = None,
         cluster_cells_cap: int = 60000,
+        draw_budget_ms: float = 12.0,
+        min_draw_interval_ms: float = 250.0,
     ) -> None:
         super().__init__()
         viewer = unwrap(viewer)
@@ -181,9 +207,17 @@ class LiveController(QObject):
         self.last_update_ms = 0.0
         # (what, ms) of every main-thread update, for the benchmark and diagnostics
         self.handler_ms: list[tuple[str, float]] = []
+        self.spans: list[tuple[str, float, float]] = []  # (what, start, end), perf_counter
         self._worker: Any = None
         self._cancel: threading.Event | None = None
         self._workers: list[tuple[Any, threading.Event, threading.Event]] = []
+        # batches yielded by a worker and not yet drawn (the signal crosses threads)
+        self._posted = 0
+        self._posted_lock = threading.Lock()
+        self._inbox: list[tuple[list[TileResult], ClusterSet | None]] = []
+        self._last_draw = 0.0
+        self.min_draw_interval_ms = float(min_draw_interval_ms)
+        self._refits: list[tuple[Any, threading.Event, threading.Event]] = []  # set_k workers
         self._t_change = 0.0
         self.overlays: LiveOverlays | None = None
 
@@ -191,6 +225,16 @@ class LiveController(QObject):
         self._timer.setSingleShot(True)
         self._timer.setInterval(int(debounce_ms))
         self._timer.timeout.connect(self._on_settled)
+        # layer updates are applied a slice at a time, one slice per event-loop turn, so
+        # input, painting and other timers run in between (see LiveOverlays.drain)
+        self.draw_budget_ms = float(draw_budget_ms)
+        self._drain_timer = QTimer(self)
+        self._drain_timer.setSingleShot(True)
+        self._drain_timer.setInterval(0)
+        self._drain_timer.timeout.connect(self._drain)
+        self._inbox_timer = QTimer(self)
+        self._inbox_timer.setSingleShot(True)
+        self._inbox_timer.timeout.connect(self._flush_inbox)
 
         if engine is None or self.grid is None or self.paired is None:
             self._set_status(NO_MODEL_STATUS)
@@ -203,6 +247,8 @@ class LiveController(QObject):
             self.paired,
             provenance=engine.provenance(),
         )
+        self.overlays.deferred = True
+        self.overlays.on_pending = self._drain_timer.start
         if gene_head is not None or engine.gene_head is not None:
             head = gene_head or engine.gene_head
             if engine.gene_head is not head:
@@ -276,7 +322,7 @@ class LiveController(QObject):
             self.visible = ids
             return
         missing = self._show_cached(ids)
-        self.handler_ms.append(("camera", (time.perf_counter() - self._t_change) * 1000))
+        self._log("camera", self._t_change)
         if missing:
             self._timer.start()
         else:
@@ -306,6 +352,8 @@ class LiveController(QObject):
         missing = [t for t in ids if t not in have]
         t0 = time.perf_counter()
         self.overlays.show(mem, keep=ids, detail=not too_many)
+        # cached tiles: draw what fits in a few budgets now, the rest on the next turns
+        self._drain(3 * self.draw_budget_ms)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         if too_many:
             self._set_status(
@@ -347,10 +395,11 @@ class LiveController(QObject):
         worker = GeneratorWorker(self._work, ids, cancel, done, encode_new)
         entry = (worker, cancel, done)
         self._workers.append(entry)
-        worker.yielded.connect(self._on_yielded)
+        worker.yielded.connect(self._on_batch)
         worker.errored.connect(self._on_error)
-        # set in the worker thread itself at the very end of its run (a direct connection),
-        # so close() can wait on it without an event loop
+        # in the worker thread itself at the very end of its run (direct connections): free
+        # dask's pool for this thread, then set ``done`` so close() can wait without a loop
+        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
         worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
         worker.finished.connect(lambda e=entry: self._forget(e))
         if encode_new:
@@ -365,6 +414,8 @@ class LiveController(QObject):
     def _forget(self, entry: tuple) -> None:
         if entry in self._workers:
             self._workers.remove(entry)
+        if entry in self._refits:
+            self._refits.remove(entry)
 
     def _work(
         self, ids: list[str], cancel: threading.Event, done: threading.Event, encode_new: bool
@@ -376,6 +427,8 @@ class LiveController(QObject):
             if cancel.is_set():
                 return
             cs = self._maybe_fit(cancel)
+            with self._posted_lock:  # drawn in _on_yielded: busy until then
+                self._posted += 1
             yield batch, cs
 
     def _cached_only(self, ids: list[str], cancel: threading.Event):
@@ -389,8 +442,12 @@ class LiveController(QObject):
                 yield got
 
     def _maybe_fit(self, cancel: threading.Event) -> ClusterSet | None:
-        """Fit clusters (worker thread) when none exist or enough new tiles arrived."""
+        """Fit clusters (worker thread) when none exist or enough new tiles arrived.
+
+        ``None`` when nothing needed fitting or ``cancel`` was set (checked between fits).
+        """
         from napari_sigmma.analysis.clusters import fit_clusters
+        from napari_sigmma.errors import Cancelled
 
         n = len(self.engine.memory)
         cs = self.clusters
@@ -401,12 +458,36 @@ class LiveController(QObject):
             return None
         results = self.engine.memory_results()
         results = _cap_cells(results, self.cluster_cells_cap)
-        return fit_clusters(
-            results,
-            self.k,
-            method=self.cluster_method,
-            previous=cs,
-        )
+        try:
+            return fit_clusters(
+                results, self.k, method=self.cluster_method, previous=cs, cancel=cancel
+            )
+        except Cancelled:
+            return None
+
+    def _on_batch(self, item: tuple[list[TileResult], ClusterSet | None]) -> None:
+        """A worker's batch reached the main thread: draw it now, or with the next ones
+        if the last draw was less than ``min_draw_interval_ms`` ago (every draw costs a
+        repaint; with software OpenGL that is CPU taken from the encoder)."""
+        with self._posted_lock:
+            self._posted = max(0, self._posted - 1)
+        if self.closed or self.overlays is None:
+            return
+        self._inbox.append(item)
+        wait = self.min_draw_interval_ms - (time.perf_counter() - self._last_draw) * 1000
+        if wait <= 0:
+            self._flush_inbox()
+        elif not self._inbox_timer.isActive():
+            self._inbox_timer.start(int(wait) + 1)
+
+    def _flush_inbox(self) -> None:
+        items, self._inbox = self._inbox, []
+        if not items or self.closed:
+            return
+        self._last_draw = time.perf_counter()
+        results = [r for batch, _ in items for r in batch]
+        latest = next((cs for _, cs in reversed(items) if cs is not None), None)
+        self._on_yielded((results, latest))
 
     def _on_yielded(self, item: tuple[list[TileResult], ClusterSet | None]) -> None:
         if self.closed or self.overlays is None:
@@ -416,7 +497,7 @@ class LiveController(QObject):
             self._draw(*item)
         except Exception as err:  # a slot must not raise (PyQt aborts the process)
             self._on_error(err)
-        self.handler_ms.append(("draw", (time.perf_counter() - t0) * 1000))
+        self._log("draw", t0)
 
     def _draw(self, results: list[TileResult], cs: ClusterSet | None) -> None:
         t0 = time.perf_counter()
@@ -429,6 +510,7 @@ class LiveController(QObject):
             self.clusters_changed.emit(cs)
         elif fresh:
             self.overlays.show(fresh, keep=self.visible, detail=detail)
+        self._drain()  # one budget now, the rest on the next turns
         self.last_update_ms = (time.perf_counter() - t0) * 1000
         shown = self.overlays.shown_tiles() & visible
         if detail:
@@ -438,6 +520,29 @@ class LiveController(QObject):
                 + (f", {left} to go…" if left else ".")
             )
         self.shown.emit([r.tile_id for r in fresh])
+
+    def _log(self, what: str, t0: float) -> None:
+        t1 = time.perf_counter()
+        self.handler_ms.append((what, (t1 - t0) * 1000))
+        self.spans.append((what, t0, t1))
+        if len(self.spans) > 4000:
+            del self.handler_ms[:-2000], self.spans[:-2000]
+
+    def _drain(self, budget_ms: float | None = None) -> None:
+        """Apply queued layer updates for one budget; re-arm for the next turn if any
+        are left."""
+        if self.closed or self.overlays is None or not self.overlays.pending:
+            return
+        t0 = time.perf_counter()
+        try:
+            left = self.overlays.drain(self.draw_budget_ms if budget_ms is None else budget_ms)
+        except Exception as err:  # a slot must not raise (PyQt aborts the process)
+            self.overlays._queue.clear()
+            self._on_error(err)
+            left = 0
+        self._log("drain", t0)
+        if left:
+            self._drain_timer.start()
 
     def _on_error(self, err: Exception) -> None:
         from napari.utils.notifications import show_error
@@ -453,14 +558,19 @@ class LiveController(QObject):
         self.k = int(k)
         if self.engine is None or self.closed or not len(self.engine.memory):
             return
-        cancel = threading.Event()
         from napari.qt.threading import FunctionWorker
 
+        # an earlier refit for another k is obsolete: stop it between fits
+        for _worker, cancel_old, _done in self._refits:
+            cancel_old.set()
+        cancel = threading.Event()
         worker = FunctionWorker(self._maybe_fit, cancel)
         done = threading.Event()
         entry = (worker, cancel, done)
         self._workers.append(entry)
+        self._refits.append(entry)
         worker.returned.connect(lambda cs: self._on_yielded(([], cs)))
+        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
         worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
         worker.finished.connect(lambda e=entry: self._forget(e))
         worker.start()
@@ -475,9 +585,20 @@ class LiveController(QObject):
         self.overlays.set_genes(genes, head)
 
     # -- shutdown ------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Stop every running worker (encoding, refits) at its next batch or fit; the view
+        stays live (the next camera change starts new work)."""
+        self._timer.stop()
+        self._cancel_workers()
+
     @property
     def busy(self) -> bool:
-        """True while a worker is still running."""
+        """True while a worker is still running, or a batch it yielded is not drawn yet,
+        or layer updates are still queued."""
+        if not self.closed and (
+            self._posted or self._inbox or (self.overlays and self.overlays.pending)
+        ):
+            return True
         return any(not done.is_set() for _, _, done in self._workers)
 
     def close(self, *, wait: bool = True, timeout: float = 30.0) -> None:
@@ -490,6 +611,9 @@ class LiveController(QObject):
             return
         self.closed = True
         self._timer.stop()
+        self._drain_timer.stop()
+        self._inbox_timer.stop()
+        self._inbox.clear()
         self._cancel_workers()
         self._disconnect()
         if wait:

@@ -159,6 +159,12 @@ def run_demo(
     _process_events(1.0)
     for name, kinds in OVERLAY_SHOTS.items():
         _show_only(viewer, kinds)
+        if "gene_measured" in kinds:
+            # the measured map sits right of the slide: frame the view and its twin
+            center, zoom = _frame_beside(viewer, dock)
+            written.append(save_window_screenshot(viewer, folder / name))
+            viewer.camera.center, viewer.camera.zoom = center, zoom
+            continue
         written.append(save_window_screenshot(viewer, folder / name))
     for layer in _overlay_layers(viewer):
         layer.visible = True
@@ -170,6 +176,24 @@ def run_demo(
     dock.live.setChecked(False)  # stops the controller and its workers
     _close_cleanly(viewer)
     return 0 if ok else 1
+
+
+def _frame_beside(viewer: Any, dock: Any) -> tuple[tuple[float, ...], float]:
+    """Zoom out so the current view and the same region of the measured gene map (one
+    slide width to the right) are both on screen; returns the camera to restore."""
+    cam = viewer.camera
+    center, zoom = tuple(cam.center), float(cam.zoom)
+    ctl = getattr(dock, "controller", None)
+    overlays = getattr(ctl, "overlays", None)
+    if overlays is None:
+        return center, zoom
+    shift = overlays.measured_offset_px() * float(overlays.frame.scale[-1])
+    canvas_w = float(viewer.canvas.size[-1])  # (height, width)
+    width = canvas_w / zoom
+    cam.center = (*center[:-1], center[-1] + shift / 2)
+    cam.zoom = canvas_w / (width + shift) * 0.98
+    _process_events(2.0)  # the pyramid loads the coarser level
+    return center, zoom
 
 
 def _close_cleanly(viewer: Any) -> None:

@@ -43,6 +43,82 @@ def _settle(seconds: float) -> None:
     loop.exec()
 
 
+def _native_canvas(viewer: Any) -> Any:
+    qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+    canvas = getattr(qt_viewer, "canvas", None)
+    scene_canvas = getattr(canvas, "_scene_canvas", None)
+    return getattr(scene_canvas, "native", None)
+
+
+def _explain_gaps(
+    stamps: list[float], spans: list[tuple[str, float, float]], *, top: int = 5
+) -> list[dict[str, Any]]:
+    """For the ``top`` longest gaps between probe ticks: how much of each was the plugin's
+    main-thread work and how much was painting (the rest: napari/Qt, or the OS)."""
+    if len(stamps) < 2:
+        return []
+    t = np.asarray(stamps)
+    gaps = np.diff(t)
+    out = []
+    for i in np.argsort(-gaps)[:top]:
+        a, b = t[i], t[i + 1]
+        parts: dict[str, float] = {}
+        for what, s0, s1 in spans:
+            overlap = min(b, s1) - max(a, s0)
+            if overlap > 0:
+                key = "paint" if what == "paint" else "plugin"
+                parts[key] = parts.get(key, 0.0) + overlap * 1000
+        gap = float(gaps[i] * 1000)
+        row = {"gap_ms": gap, "plugin_ms": parts.get("plugin", 0.0)}
+        row["paint_ms"] = parts.get("paint", 0.0)
+        row["other_ms"] = max(0.0, gap - row["plugin_ms"] - row["paint_ms"])
+        out.append(row)
+    return out
+
+
+def _idle_repaints(viewer: Any, n: int) -> list[float]:
+    """Milliseconds of ``n`` repaints of the canvas with nothing else to do."""
+    from qtpy.QtWidgets import QApplication
+
+    native = _native_canvas(viewer)
+    out: list[float] = []
+    for _ in range(n if native is not None else 0):
+        _settle(0.1)
+        native.update()
+        start = time.perf_counter()
+        QApplication.processEvents()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+class _PaintTimer:
+    """Times every vispy draw of the viewer's canvas (first to last draw handler)."""
+
+    def __init__(self, viewer: Any) -> None:
+        qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+        canvas = getattr(getattr(qt_viewer, "canvas", None), "_scene_canvas", None)
+        self.ms: list[float] = []
+        self.spans: list[tuple[str, float, float]] = []
+        self._t0 = 0.0
+        self._events = canvas.events.draw if canvas is not None else None
+        if self._events is not None:
+            self._events.connect(self._start, position="first")
+            self._events.connect(self._stop, position="last")
+
+    def _start(self, _event: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def _stop(self, _event: Any) -> None:
+        t1 = time.perf_counter()
+        self.ms.append((t1 - self._t0) * 1000)
+        self.spans.append(("paint", self._t0, t1))
+
+    def close(self) -> None:
+        if self._events is not None:
+            self._events.disconnect(self._start)
+            self._events.disconnect(self._stop)
+
+
 def measure_live(
     engine: Any,
     sdata: Any,
@@ -78,6 +154,7 @@ def measure_live(
         data, kwargs, _ = he_image_layer(sdata, sdata_path=sdata_path)
         layer = viewer.add_image(data, **kwargs)
         _settle(1.0)
+        he_only = _idle_repaints(viewer, revisits)
         # the view: ``view_tiles`` tiles wide around the middle of the tissue tiles
         mpp = paired.he_mpp
         s = grid.tile_size * mpp
@@ -100,6 +177,10 @@ def measure_live(
             raise RuntimeError("the warm-up tile was not shown")
         _settle(0.5)
         n_before = engine.stats.encoded_tiles
+        prep0, fwd0 = engine.stats.prepare_seconds, engine.stats.forward_seconds
+        ctl.handler_ms.clear()  # the warm-up's first draw compiles shaders: not measured
+        ctl.overlays.apply_ms.clear()
+        paints = _PaintTimer(viewer)
 
         stamps: list[float] = []
         probe = QTimer()
@@ -125,8 +206,13 @@ def measure_live(
         if not done:
             raise RuntimeError(f"the live pipeline did not finish within {timeout_s:.0f} s")
         n_encoded = engine.stats.encoded_tiles - n_before
+        prep_s = float(engine.stats.prepare_seconds - prep0)
+        fwd_s = float(engine.stats.forward_seconds - fwd0)
+        paint_ms = list(paints.ms)
+        paints.ms.clear()
         handlers = list(ctl.handler_ms)
         gaps = np.diff(np.asarray(stamps)) * 1000 if len(stamps) > 1 else np.zeros(1)
+        longest = _explain_gaps(stamps, [*ctl.spans, *paints.spans], top=5)
         indices = [engine.index_of(t) for t in ctl.visible if t not in warm]
 
         # revisit: off the slide (nothing visible), then back to the encoded view
@@ -137,10 +223,16 @@ def measure_live(
             start = time.perf_counter()
             cam.center = (cy, cx)
             QApplication.processEvents()
+            while ctl.overlays.pending:  # updates left for the next turns
+                QApplication.processEvents()
             times.append((time.perf_counter() - start) * 1000)
             if ctl.overlays.shown_tiles() != want:
                 raise RuntimeError("a revisit did not show the cached region at once")
             _settle(0.2)
+        # what one frame costs to paint here, with nothing else to do (the floor of any
+        # stall measured above: with software OpenGL it is most of it)
+        idle = _idle_repaints(viewer, revisits)
+        paints.close()
         ctl.close()
     finally:
         viewer.close()
@@ -155,5 +247,17 @@ def measure_live(
         "revisit_ms": float(np.median(times)),
         "revisit_ms_all": [float(t) for t in times],
         "handler_ms": sorted(handlers, key=lambda h: -h[1])[:10],
+        "handler_max_ms": max((h[1] for h in handlers), default=0.0),
+        "layer_updates_ms": sorted(ctl.overlays.apply_ms, key=lambda h: -h[1])[:10]
+        if ctl.overlays is not None
+        else [],
+        "paint_max_ms": max(paint_ms, default=0.0),
+        "paint_median_ms": float(np.median(paint_ms)) if paint_ms else 0.0,
+        "paints": len(paint_ms),
+        "idle_repaint_ms": float(np.median(idle)) if idle else float("nan"),
+        "idle_repaint_he_only_ms": float(np.median(he_only)) if he_only else float("nan"),
+        "prepare_seconds": prep_s,
+        "forward_seconds": fwd_s,
         "gaps_top_ms": sorted((float(g) for g in gaps), reverse=True)[:10],
+        "gaps_explained": longest,
     }

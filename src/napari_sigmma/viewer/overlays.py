@@ -16,7 +16,9 @@ named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
 - ``SIGMMA attention`` (Image ``(heads, y, x)``, a *head* slider): CLS→patch attention of
   the last ViT block over each tile, each head rescaled to [0, 1] within its tile;
 - ``SIGMMA gene <GENE> predicted`` / ``measured`` (Image): the ridge gene head's prediction
-  (micro-patch resolution) and the measured log1p expression on the same raster.
+  (micro-patch resolution) on the H&E, and the measured log1p expression on the same raster
+  and colour scale beside the slide (shifted right by one slide width and a gap), so the
+  two maps are seen side by side.
 
 Only the tiles handed to :meth:`LiveOverlays.show` (the visible ones) are drawn; updates
 write into the existing layers' data (no remove/re-add), so nothing flickers.
@@ -215,6 +217,14 @@ class LiveOverlays:
         self._dirty: set[str] = set()
         self._pools: dict[str, _SlotPool] = {}
         self._setting_visible = False
+        # deferred drawing (set by the live controller): layer updates are queued by name
+        # and applied a few milliseconds at a time (:meth:`drain`), so the GUI thread is
+        # never held for a whole batch; ``on_pending`` is called when the queue fills
+        self.deferred = False
+        self.on_pending: Any = None
+        self._queue: dict[str, None] = {}
+        # (layer name, ms) of every layer update, for the benchmark and diagnostics
+        self.apply_ms: list[tuple[str, float]] = []
         self._att_full = True
         self._attention_warned = False
         self._measured: dict[str, np.ndarray] = {}
@@ -299,18 +309,66 @@ class LiveOverlays:
             self._setting_visible = False
 
     def _touch(self, names: Iterable[str]) -> None:
-        """Update the visible layers among ``names`` now; mark the hidden ones."""
+        """Update the visible layers among ``names`` (now, or queued when ``deferred``);
+        mark the hidden ones."""
         for name in names:
             layer = self.layers.get(name)
             if layer is None:
                 continue
             if layer.visible or name.startswith(layer_name("edges")):
-                self._apply(name)
+                if self.deferred:
+                    self._enqueue(name)
+                else:
+                    self._apply(name)
             else:
                 self._dirty.add(name)
 
+    def _enqueue(self, name: str) -> None:
+        # an update reads the overlays' state when it runs, so a layer queued twice is
+        # updated once, with the latest tiles
+        was_empty = not self._queue
+        self._queue[name] = None
+        if was_empty and self.on_pending is not None:
+            self.on_pending()
+
+    @property
+    def pending(self) -> int:
+        """Layer updates queued and not yet applied."""
+        return len(self._queue)
+
+    def drain(self, budget_ms: float = 15.0) -> int:
+        """Apply queued layer updates for about ``budget_ms`` (at least one); returns how
+        many are left. The caller runs it again on a later event-loop turn."""
+        import time
+
+        t0 = time.perf_counter()
+        while self._queue:
+            name = next(iter(self._queue))
+            del self._queue[name]
+            if name in self.layers:
+                self._apply(name)
+            if (time.perf_counter() - t0) * 1000 >= budget_ms:
+                break
+        return len(self._queue)
+
+    def flush(self) -> None:
+        """Apply every queued layer update now."""
+        while self._queue:
+            self.drain(float("inf"))
+
     def _apply(self, name: str) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        try:
+            self._apply_now(name)
+        finally:
+            self.apply_ms.append((name, (time.perf_counter() - t0) * 1000))
+            del self.apply_ms[:-500]
+
+    def _apply_now(self, name: str) -> None:
         self._dirty.discard(name)
+        self._queue.pop(name, None)
         layer = self.layers[name]
         kind = layer.metadata.get("sigmma_kind")
         if kind == "clusters":
@@ -540,6 +598,7 @@ class LiveOverlays:
         self.layers.clear()
         self._rasters.clear()
         self._dirty.clear()
+        self._queue.clear()
         self.tiles.clear()
 
     def refresh_all(self) -> None:
@@ -555,7 +614,7 @@ class LiveOverlays:
         """Write per-tile blocks ``(row, col, values (n, n))`` into a raster layer.
 
         Visible Labels layers get a partial texture update; others are written in place
-        and refreshed when shown.
+        and refreshed when shown (visible ones: now, or queued when ``deferred``).
         """
         layer = self.layers[name]
         data = self._rasters[name]
@@ -563,6 +622,7 @@ class LiveOverlays:
             return
         n = blocks[0][2].shape[0]
         if layer.visible and layer.metadata.get("sigmma_kind") == "clusters":
+            # a partial texture update: a few ms, cheaper than queueing a full refresh
             ys, xs, vs = [], [], []
             yy, xx = np.mgrid[0:n, 0:n]
             for rr, cc, vals in blocks:
@@ -576,7 +636,9 @@ class LiveOverlays:
             return
         for rr, cc, vals in blocks:
             data[rr * n : (rr + 1) * n, cc * n : (cc + 1) * n] = vals
-        if layer.visible:
+        if self.deferred:
+            self._touch([name])
+        elif layer.visible:
             layer.refresh(thumbnail=False, extent=False, highlight=False)
         else:
             self._dirty.add(name)
@@ -716,6 +778,11 @@ class LiveOverlays:
             del self.messages[:-20]
 
     # -- genes ------------------------------------------------------------------------------
+    def measured_offset_px(self) -> float:
+        """x shift (level-0 px) of the measured gene maps: one grid width plus a gap."""
+        width = self.grid.n_cols * self._tile_px()
+        return float(width + max(self._tile_px(), 0.05 * width))
+
     def _gene_layer(self, name: str, per_side: int, kind: str, gene: str) -> Any:
         from napari.layers import Image
 
@@ -723,6 +790,11 @@ class LiveOverlays:
         if layer is None:
             data = np.full(self._raster_shape(per_side), np.nan, np.float32)
             self._rasters[name] = data
+            origin = self.grid.origin
+            if kind == "measured":
+                # beside the slide, to its right, for comparison with the predicted map on
+                # the H&E (same rows, same colour scale)
+                origin = (origin[0] + self.measured_offset_px(), origin[1])
             layer = Image(
                 data,
                 name=name,
@@ -730,9 +802,13 @@ class LiveOverlays:
                 opacity=0.75,
                 visible=False,
                 metadata=self._meta(
-                    f"gene_{kind}", "he_image" if kind == "predicted" else "table", gene=gene
+                    f"gene_{kind}",
+                    "he_image" if kind == "predicted" else "table",
+                    gene=gene,
+                    placement="on the H&E" if kind == "predicted" else "right of the slide",
+                    offset_px=0.0 if kind == "predicted" else self.measured_offset_px(),
                 ),
-                **self.frame.raster_kwargs(self._tile_px() / per_side, self.grid.origin),
+                **self.frame.raster_kwargs(self._tile_px() / per_side, origin),
             )
             self._add(layer)
         return layer
@@ -819,10 +895,14 @@ class _SlotPool:
         return self.layer.edge_color if self.vectors else self.layer.face_color
 
     def _take(self, n: int) -> np.ndarray | None:
-        free = np.concatenate(self.free) if self.free else np.zeros(0, np.int64)
+        # slot order does not matter: no sort (it cost more than the rest of an update)
+        free = (
+            self.free[0]
+            if len(self.free) == 1
+            else (np.concatenate(self.free) if self.free else np.zeros(0, np.int64))
+        )
         if free.size < n:
             return None
-        free = np.sort(free)
         self.free = [free[n:]] if free.size > n else []
         return free[:n]
 
