@@ -74,7 +74,10 @@ def test_train_cancel_resume_and_load(viewer_with_sample, qtbot, tmp_path: Path)
     assert widget.epoch_bar.value() == widget.result.epoch
     # the new checkpoint reached the main dock
     _, dock = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
+    # the dock loads a checkpoint in a worker (safely) and takes it once it loaded
+    qtbot.waitUntil(lambda: not dock.busy, timeout=120_000)
     assert dock.checkpoint is not None and Path(dock.checkpoint).is_file()
+    assert Path(dock.checkpoint).parent.parent == run
     assert widget.table.rowCount() >= 1
 
 
