@@ -183,7 +183,7 @@ class LiveController(QObject):
         genes: Sequence[str] | None = None,
         gene_head: GeneHead | None = None,
         he_mpp: float | None = None,
-        cluster_cells_cap: int = 60000,
+        cluster_cells_cap: int = 20000,
         draw_budget_ms: float = 12.0,
         min_draw_interval_ms: float = 250.0,
     ) -> None:
