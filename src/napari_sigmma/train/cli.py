@@ -281,6 +281,7 @@ def embed_folder(
     parts_dir = Path(parts_dir)
     client, cluster = _distributed_client(scheduler, len(paths))
     futures: list[Any] = []
+    aborted = False
     try:
         n_workers = len(client.scheduler_info().get("workers", {}))
         _say(
@@ -309,6 +310,7 @@ def embed_folder(
                 continue
         return client.gather(futures)
     except BaseException:
+        aborted = True
         if futures:
             try:
                 client.cancel(futures, force=True)
@@ -318,7 +320,34 @@ def embed_folder(
     finally:
         client.close()
         if cluster is not None:
-            cluster.close()
+            if aborted:
+                _close_local_cluster_now(cluster)
+            else:
+                cluster.close()
+
+
+def _close_local_cluster_now(cluster: Any) -> None:
+    """Close a local cluster whose workers may be busy in a task: start the close (the
+    nannies then no longer restart a worker that dies), then kill the worker processes
+    instead of letting each nanny wait 4 s for its busy worker to stop."""
+    import signal
+    import threading
+
+    pids = []
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        proc = getattr(getattr(nanny, "process", None), "process", None)
+        pid = getattr(proc, "pid", None)
+        if pid:
+            pids.append(int(pid))
+    closer = threading.Thread(target=cluster.close, name="sigmma-cluster-close", daemon=True)
+    closer.start()
+    closer.join(0.2)  # the nannies are closing now
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    closer.join(30)
 
 
 def run_embed(args: argparse.Namespace) -> int:
