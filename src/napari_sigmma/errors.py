@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import threading
+from collections.abc import Callable
 
 
 class SigmmaError(Exception):
@@ -32,9 +33,10 @@ class Cancelled(Exception):
     """Raised inside a long task when its cancel flag was set (not an error to report)."""
 
 
-#: What long tasks accept as ``cancel``: a ``threading.Event``, a callable returning True
-#: once the task should stop, or ``None`` (never cancelled).
-CancelLike = Any
+#: What long tasks accept as ``cancel``: a ``threading.Event`` (or anything with
+#: ``is_set()``), a callable returning True once the task should stop, or ``None`` (never
+#: cancelled).
+CancelLike = threading.Event | Callable[[], bool] | None
 
 
 def is_cancelled(cancel: CancelLike) -> bool:

@@ -15,14 +15,13 @@ annotated by the table ``"tile_embeddings"`` (obsm ``he_micro``, ``he_meso``, ``
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
 
 if TYPE_CHECKING:
     from napari_sigmma.tiles.dataset import GraphSettings
@@ -71,14 +70,6 @@ class TileEmbeddings:
     complete: bool = True
 
 
-def _cancelled(cancel: Any) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
-
-
 def embed_tiles(
     model: Any,
     paired: PairedSlide,
@@ -90,7 +81,7 @@ def embed_tiles(
     batch_size: int = 8,
     device: Any = None,
     cells: bool = True,
-    cancel: threading.Event | Callable[[], bool] | None = None,
+    cancel: CancelLike = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TileEmbeddings:
     """Encode tiles of ``grid`` with both encoders of ``model``.
@@ -156,7 +147,7 @@ def embed_tiles(
     try:
         with torch.no_grad():
             for start in range(0, idx.size, max(1, int(batch_size))):
-                if _cancelled(cancel):
+                if is_cancelled(cancel):
                     complete = False
                     break
                 pos = np.arange(start, min(start + batch_size, idx.size))

@@ -40,7 +40,7 @@ from napari_sigmma.analysis.tilecache import (
     iter_chunks,
 )
 from napari_sigmma.analysis.visible import clip_box, visible_indices, visible_tiles
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
 
 if TYPE_CHECKING:
     import torch
@@ -64,16 +64,6 @@ __all__ = [
 ]
 
 CROP_SLICES = {"micro": slice(0, 16), "meso": slice(16, 20), "macro": slice(20, 21)}
-
-Cancel = Callable[[], bool] | threading.Event | None
-
-
-def _cancelled(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def file_hash(path: str | os.PathLike[str], *, length: int = 16) -> str:
@@ -281,7 +271,7 @@ class EmbeddingEngine:
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(
-        self, tile_ids: Sequence[str], cancel: Cancel = None, *, cached_first: bool = True
+        self, tile_ids: Sequence[str], cancel: CancelLike = None, *, cached_first: bool = True
     ) -> Iterator[list[TileResult]]:
         """Results for ``tile_ids``: cached ones first (one list), then one list per batch.
 
@@ -317,7 +307,7 @@ class EmbeddingEngine:
         ahead: _Prefetch | None = None
         try:
             for n, chunk in enumerate(chunks):
-                if _cancelled(cancel):
+                if is_cancelled(cancel):
                     return
                 # a result may have arrived meanwhile (another worker on the same engine)
                 chunk = [t for t in chunk if t not in self.memory]
@@ -328,14 +318,14 @@ class EmbeddingEngine:
                     prep = self.prepare([self._index[t] for t in chunk])
                 else:
                     continue
-                if n + 1 < len(chunks) and not _cancelled(cancel):
+                if n + 1 < len(chunks) and not is_cancelled(cancel):
                     nxt = [t for t in chunks[n + 1] if t not in self.memory]
                     if nxt:
                         ahead = _Prefetch(self.prepare, [self._index[t] for t in nxt])
                 if not chunk:
                     continue
                 with self._lock:
-                    if _cancelled(cancel):
+                    if is_cancelled(cancel):
                         return
                     results = self.forward(prep, cancel=cancel)
                 if results is None:
@@ -464,7 +454,7 @@ class EmbeddingEngine:
             )
         return feats, he, crops, att
 
-    def forward(self, prep: PreparedBatch, cancel: Cancel = None) -> list[TileResult] | None:
+    def forward(self, prep: PreparedBatch, cancel: CancelLike = None) -> list[TileResult] | None:
         """Run the model on a prepared batch; ``None`` when cancelled between the forwards."""
         import torch
 
@@ -475,7 +465,7 @@ class EmbeddingEngine:
         with torch.inference_mode(), autocast(dev):
             imgs = torch.from_numpy(prep.images).permute(0, 3, 1, 2).contiguous().to(dev)
             _, he, crops, att = self.image_forward(imgs)
-            if _cancelled(cancel):
+            if is_cancelled(cancel):
                 return None
             gout = None
             if prep.graph is not None:

@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.files import atomic_savez
 
 SCALES = ("micro", "meso", "macro")
 HEADLINE = "macro"  # the embedding of the task1 / task2 blocks (see the module docstring)
@@ -836,9 +837,7 @@ def dump_npz(path: Path, inp: EvalInputs, metrics: dict[str, Any], extras: dict[
         concat_scales=np.array(metrics["concat_scales"], dtype=str),
         seed=np.array(int(metrics["seed"])),
     )
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_savez(path, arrays, compressed=True)
 
 
 def _clean(v: Any) -> Any:

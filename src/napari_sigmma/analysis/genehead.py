@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.files import atomic_savez
 
 if TYPE_CHECKING:
     from napari_sigmma.analysis.tilecache import TileResult
@@ -134,10 +135,7 @@ class GeneHead:
             arrays[f"{s}__y_mean"] = m.y_mean
             arrays[f"{s}__alpha"] = np.array(m.alpha)
             arrays[f"{s}__n_train"] = np.array(m.n_train)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        return path
+        return atomic_savez(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> GeneHead:

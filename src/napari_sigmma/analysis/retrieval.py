@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.files import atomic_savez
 
 IVF_MIN_SIZE = 50_000
 """Indices with at least this many embeddings are searched through the IVF by default."""
@@ -460,8 +461,6 @@ class EmbeddingIndex:
         """Write the index (and its IVF, when trained) to ``path`` (``.npz``, no pickle),
         atomically."""
         self._consolidate()
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp.npz")
         arrays = {
             "matrix": self._matrix,
             "tile_ids": self._tile_ids,
@@ -475,9 +474,7 @@ class EmbeddingIndex:
                 ivf_tail_lists=self._tail_lists,
                 ivf_state=np.array([self._n_sorted, self._n_trained, self._auto_nprobe], np.int64),
             )
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-        return path
+        return atomic_savez(path, arrays)
 
     @classmethod
     def load(

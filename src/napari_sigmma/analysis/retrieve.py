@@ -29,6 +29,7 @@ import numpy as np
 
 from napari_sigmma.analysis.retrieval import EmbeddingIndex
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.files import atomic_savez
 
 if TYPE_CHECKING:
     from napari_sigmma.analysis.embed import TileEmbeddings
@@ -149,10 +150,7 @@ class SlideEmbeddings:
                 arrays[f"{mod}__{s}__idx"] = keys
                 if keys.size:
                     arrays[f"{mod}__{s}__emb"] = np.stack([d[int(k)] for k in keys])
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-        return path
+        return atomic_savez(path, arrays)
 
     @classmethod
     def load(

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_sigmma.files import atomic_savez
+
 SCALES = ("micro", "meso", "macro")
 CACHE_FORMAT = 1
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -267,9 +269,7 @@ class DiskCache:
         """Write ``res`` atomically (write-through from the engine)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         p = self.path(res.tile_id)
-        tmp = p.with_name(f".{p.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npz")
-        np.savez(tmp, **res.to_arrays())
-        os.replace(tmp, p)
+        atomic_savez(p, res.to_arrays())
         with self._lock:
             self._scan().add(safe_name(res.tile_id))
 

@@ -74,6 +74,17 @@ def is_slide_file(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(SLIDE_SUFFIXES)
 
 
+def coarsest_level(level_shapes: list[tuple[int, int]], min_side: int) -> int:
+    """Index of the coarsest level (of ``(H, W)`` shapes, finest first) whose longer side
+    is still at least ``min_side`` pixels (or the whole level 0 when it is smaller)."""
+    want = min(min_side, max(level_shapes[0]))
+    best = 0
+    for k, shape in enumerate(level_shapes):
+        if max(shape) >= want:
+            best = k
+    return best
+
+
 @dataclass(eq=False)
 class Slide:
     """A whole-slide image opened lazily.
@@ -186,11 +197,7 @@ class Slide:
 
     def thumbnail_level(self, min_side: int = 1024) -> int:
         """The coarsest level whose longer side is still at least ``min_side`` pixels."""
-        best = 0
-        for k in range(len(self.levels)):
-            if max(self.level_shape(k)) >= min(min_side, max(self.shape)):
-                best = k
-        return best
+        return coarsest_level([self.level_shape(k) for k in range(len(self.levels))], min_side)
 
     def close(self) -> None:
         """Close the file (the dask levels stop working)."""

@@ -207,22 +207,18 @@ def tissue_mask_rgb(rgb: np.ndarray) -> np.ndarray:
 def slide_tissue_mask(paired: PairedSlide, *, max_side: int = 2048) -> tuple[np.ndarray, float]:
     """Tissue mask of the slide and its downsample from level 0.
 
-    Uses :func:`napari_sigmma.io.wsi.tissue_mask` when the io layer provides it, else a
-    thumbnail-level saturation / optical-density Otsu mask (:func:`tissue_mask_rgb`).
+    Uses :func:`napari_sigmma.io.wsi.tissue_mask` on the slide's pyramid, else (an image
+    that does not offer what it reads) a thumbnail-level saturation / optical-density Otsu
+    mask (:func:`tissue_mask_rgb`).
     """
-    try:
-        from napari_sigmma.io import wsi
+    from napari_sigmma.io.wsi import tissue_mask
 
-        fn = getattr(wsi, "tissue_mask", None)
-    except ImportError:
-        fn = None
-    if fn is not None:
-        try:
-            mask, ds = fn(paired.image)
-            return np.asarray(mask, dtype=bool), float(ds)
-        except (AttributeError, TypeError, KeyError):
-            # The io mask wants a real Slide object; the paired image is only its duck type.
-            pass
+    try:
+        mask, ds = tissue_mask(paired.image)
+        return np.asarray(mask, dtype=bool), float(ds)
+    except (AttributeError, TypeError, KeyError):
+        # The io mask wants a real Slide object; the paired image is only its duck type.
+        pass
     thumb, ds = paired.image.thumbnail(max_side)
     return tissue_mask_rgb(thumb), float(ds)
 

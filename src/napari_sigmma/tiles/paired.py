@@ -80,11 +80,9 @@ class SdataImage:
 
     def thumbnail_level(self, min_side: int = 1024) -> int:
         """The coarsest level whose longer side is still at least ``min_side`` pixels."""
-        best = 0
-        for k in range(len(self.levels)):
-            if max(self.level_shape(k)) >= min(min_side, max(self.shape)):
-                best = k
-        return best
+        from napari_sigmma.io.wsi import coarsest_level
+
+        return coarsest_level([self.level_shape(k) for k in range(len(self.levels))], min_side)
 
     @staticmethod
     def _to_hwc(arr: Any) -> Any:

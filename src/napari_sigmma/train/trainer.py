@@ -36,7 +36,6 @@ import math
 import os
 import random
 import shutil
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
 
 if TYPE_CHECKING:
     from napari_sigmma.tiles.dataset import PairedTileDataset, SlideTiles
@@ -78,8 +77,6 @@ _RESUME_LOCKED = (
     "seed",
     "model",
 )
-
-Cancel = threading.Event | Callable[[], bool] | None
 
 
 # ----------------------------------------------------------------------------- results
@@ -169,14 +166,6 @@ def _fire(cbs: list[Any], name: str, *args: Any) -> None:
         fn = getattr(cb, name, None)
         if fn is not None:
             fn(*args)
-
-
-def _is_cancelled(cancel: Cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 # ----------------------------------------------------------------------------- files
@@ -469,7 +458,9 @@ def _data_stamp(path: str) -> tuple:
     return tuple(stamp)
 
 
-def load_slides(cfg: TrainConfig, *, cancel: Cancel = None, reuse: bool = True) -> list[SlideTiles]:
+def load_slides(
+    cfg: TrainConfig, *, cancel: CancelLike = None, reuse: bool = True
+) -> list[SlideTiles]:
     """Read every slide of ``cfg.data`` and build its grid and per-tile cell graphs.
 
     With ``reuse``, slides prepared by an earlier call in this process with the same data
@@ -484,7 +475,7 @@ def load_slides(cfg: TrainConfig, *, cancel: Cancel = None, reuse: bool = True) 
     settings = graph_settings(cfg)
     out = []
     for path, name in zip(cfg.data, _slide_names(cfg.data), strict=True):
-        if _is_cancelled(cancel):
+        if is_cancelled(cancel):
             break
         key = (
             _data_stamp(path),
@@ -625,7 +616,7 @@ def prepare_run_data(
     cfg: TrainConfig,
     *,
     split_path: Path | None = None,
-    cancel: Cancel = None,
+    cancel: CancelLike = None,
     featurizer: NodeFeaturizer | None = None,
     slides: list[SlideTiles] | None = None,
 ) -> RunData | None:
@@ -636,7 +627,7 @@ def prepare_run_data(
 
     if slides is None:
         slides = load_slides(cfg, cancel=cancel)
-    if _is_cancelled(cancel):
+    if is_cancelled(cancel):
         return None
     if split_path is not None and split_path.is_file():
         split = TileSplit.load(split_path)
@@ -686,7 +677,7 @@ def cached_crop_features(
     *,
     device: Any,
     batch_size: int = 8,
-    cancel: Cancel = None,
+    cancel: CancelLike = None,
     write: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray | None:
@@ -724,7 +715,7 @@ def cached_crop_features(
         try:
             done = 0
             for start in range(0, len(missing), batch_size):
-                if _is_cancelled(cancel):
+                if is_cancelled(cancel):
                     return None
                 chunk = missing[start : start + batch_size]
                 if slide.images is not None:
@@ -913,7 +904,7 @@ def train(
     cfg: TrainConfig,
     *,
     callbacks: Any = None,
-    cancel: Cancel = None,
+    cancel: CancelLike = None,
     resume: bool = False,
     split: str | os.PathLike[str] | None = None,
 ) -> RunResult:
@@ -1011,7 +1002,7 @@ def train(
                 else _load_features(run / "features.npz"),
                 slides=slides,
             )
-        if data is None or dd.any_flag(_is_cancelled(cancel)):
+        if data is None or dd.any_flag(is_cancelled(cancel)):
             return RunResult("cancelled", run, 0, 0, seconds=time.perf_counter() - t_start)
         if not data.entries["train"]:
             raise SigmmaError("no training tiles (check min_cells, min_tissue and the split)")
@@ -1190,7 +1181,7 @@ def train(
                     if window[0] < first:
                         continue
                     snap = _rng_state()  # state at this window's start (checkpoint point)
-                    if dd.any_flag(_is_cancelled(cancel)):
+                    if dd.any_flag(is_cancelled(cancel)):
                         cancelled = True
                         write_ckpt(epoch, window[0], snap, epoch_gen_state)
                         break

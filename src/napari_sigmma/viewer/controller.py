@@ -537,7 +537,7 @@ class LiveController(QObject):
         try:
             left = self.overlays.drain(self.draw_budget_ms if budget_ms is None else budget_ms)
         except Exception as err:  # a slot must not raise (PyQt aborts the process)
-            self.overlays._queue.clear()
+            self.overlays.discard_pending()
             self._on_error(err)
             left = 0
         self._log("drain", t0)

@@ -43,11 +43,14 @@ def _settle(seconds: float) -> None:
     loop.exec()
 
 
-def _native_canvas(viewer: Any) -> Any:
+def _scene_canvas(viewer: Any) -> Any:
+    """The vispy SceneCanvas behind the viewer (napari private API; ``None`` if moved)."""
     qt_viewer = getattr(viewer.window, "_qt_viewer", None)
-    canvas = getattr(qt_viewer, "canvas", None)
-    scene_canvas = getattr(canvas, "_scene_canvas", None)
-    return getattr(scene_canvas, "native", None)
+    return getattr(getattr(qt_viewer, "canvas", None), "_scene_canvas", None)
+
+
+def _native_canvas(viewer: Any) -> Any:
+    return getattr(_scene_canvas(viewer), "native", None)
 
 
 def _explain_gaps(
@@ -95,8 +98,7 @@ class _PaintTimer:
     """Times every vispy draw of the viewer's canvas (first to last draw handler)."""
 
     def __init__(self, viewer: Any) -> None:
-        qt_viewer = getattr(viewer.window, "_qt_viewer", None)
-        canvas = getattr(getattr(qt_viewer, "canvas", None), "_scene_canvas", None)
+        canvas = _scene_canvas(viewer)
         self.ms: list[float] = []
         self.spans: list[tuple[str, float, float]] = []
         self._t0 = 0.0

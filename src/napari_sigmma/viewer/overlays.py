@@ -27,6 +27,7 @@ write into the existing layers' data (no remove/re-add), so nothing flickers.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -339,8 +340,6 @@ class LiveOverlays:
     def drain(self, budget_ms: float = 15.0) -> int:
         """Apply queued layer updates for about ``budget_ms`` (at least one); returns how
         many are left. The caller runs it again on a later event-loop turn."""
-        import time
-
         t0 = time.perf_counter()
         while self._queue:
             name = next(iter(self._queue))
@@ -351,14 +350,16 @@ class LiveOverlays:
                 break
         return len(self._queue)
 
+    def discard_pending(self) -> None:
+        """Forget the queued layer updates (after one of them failed)."""
+        self._queue.clear()
+
     def flush(self) -> None:
         """Apply every queued layer update now."""
         while self._queue:
             self.drain(float("inf"))
 
     def _apply(self, name: str) -> None:
-        import time
-
         t0 = time.perf_counter()
         try:
             self._apply_now(name)
