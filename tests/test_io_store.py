@@ -146,3 +146,59 @@ def test_load_any_xenium(hest_as_xenium: dict) -> None:
     m = np.asarray(uns["um_to_he_px"])
     px = np.asarray(table.obsm["spatial"]) @ m[:2, :2].T + m[:2, 2]
     np.testing.assert_allclose(px, hest_as_xenium["centres_px"], atol=1e-3)
+
+
+def _table_store(path: Path, name: str, values: np.ndarray) -> Path:
+    """A small SpatialData store: squares ``squares_<name>`` annotated by ``t_<name>``."""
+    import anndata as ad
+    import geopandas as gpd
+    import pandas as pd
+    import spatialdata as sd
+    from shapely.geometry import box
+    from spatialdata.models import ShapesModel, TableModel
+
+    ids = [f"{name}{i}" for i in range(len(values))]
+    gdf = gpd.GeoDataFrame(
+        geometry=[box(i, 0, i + 1, 1) for i in range(len(ids))], index=pd.Index(ids)
+    )
+    obs = pd.DataFrame(
+        {"id": ids, "region": pd.Categorical([f"squares_{name}"] * len(ids))},
+        index=pd.Index(ids),
+    )
+    table = ad.AnnData(obs=obs)
+    table.obsm["emb"] = values.astype(np.float32)
+    data = sd.SpatialData(
+        shapes={f"squares_{name}": ShapesModel.parse(gdf)},
+        tables={
+            f"t_{name}": TableModel.parse(
+                table, region=f"squares_{name}", region_key="region", instance_key="id"
+            )
+        },
+    )
+    return write_sdata(data, path)
+
+
+def test_merge_stores_moves_elements_without_loading(tmp_path: Path) -> None:
+    from napari_sigmma.io.store import merge_stores
+
+    rng = np.random.default_rng(0)
+    vals = {k: rng.normal(size=(3 + k, 4)) for k in range(3)}
+    parts = [_table_store(tmp_path / f"p{k}.zarr", str(k), v) for k, v in vals.items()]
+    out = merge_stores(parts, tmp_path / "all.zarr")
+    merged = read_sdata(out)
+    assert set(merged.shapes) == {"squares_0", "squares_1", "squares_2"}
+    for k, v in vals.items():
+        np.testing.assert_allclose(merged.tables[f"t_{k}"].obsm["emb"], v.astype(np.float32))
+        assert len(merged.shapes[f"squares_{k}"]) == len(v)
+    assert not any(p.exists() for p in parts)  # consumed
+
+    # two parts with one element name: a clear error, the existing target untouched
+    a = _table_store(tmp_path / "a.zarr", "x", vals[0])
+    b = _table_store(tmp_path / "b.zarr", "x", vals[1])
+    with pytest.raises(SigmmaError, match="in two parts"):
+        merge_stores([a, b], out, overwrite=True)
+    again = read_sdata(out)
+    assert set(again.tables) == {"t_0", "t_1", "t_2"}
+    assert not (tmp_path / ".all.partial.zarr").exists()
+    with pytest.raises(SigmmaError, match="not a SpatialData store"):
+        merge_stores([tmp_path], tmp_path / "x.zarr")

@@ -15,7 +15,7 @@ annotated by the table ``"tile_embeddings"`` (obsm ``he_micro``, ``he_meso``, ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ import numpy as np
 from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
 
 if TYPE_CHECKING:
-    from napari_sigmma.tiles.dataset import GraphSettings
+    from napari_sigmma.tiles.dataset import GraphSettings, SlideTiles
     from napari_sigmma.tiles.features import NodeFeaturizer
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
@@ -70,6 +70,42 @@ class TileEmbeddings:
     complete: bool = True
 
 
+@dataclass
+class EmbedBatch:
+    """One forward's worth of :func:`iter_embed_batches` output.
+
+    Attributes
+    ----------
+    start
+        Position of the batch's first tile in the run's ``indices``.
+    indices
+        ``(b,)`` grid indices of the batch's tiles.
+    he
+        ``{scale: (b, D)}`` HE embeddings.
+    st
+        ``{scale: (b, D)}`` ST embeddings, NaN rows for tiles without enough cells; empty
+        when no tile of the batch has an ST embedding.
+    valid, n_cells
+        ``(b,)`` per tile.
+    cell_index
+        ``(m,)`` slide cell indices of the valid tiles' cells, tile by tile.
+    cell_tile
+        ``(m,)`` position in the run's ``indices`` of each cell's tile.
+    cell_st
+        ``{scale: (m, D)}`` node embeddings of those cells.
+    """
+
+    start: int
+    indices: np.ndarray
+    he: dict[str, np.ndarray]
+    st: dict[str, np.ndarray]
+    valid: np.ndarray
+    n_cells: np.ndarray
+    cell_index: np.ndarray
+    cell_tile: np.ndarray
+    cell_st: dict[str, np.ndarray]
+
+
 def embed_tiles(
     model: Any,
     paired: PairedSlide,
@@ -84,7 +120,87 @@ def embed_tiles(
     cancel: CancelLike = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> TileEmbeddings:
-    """Encode tiles of ``grid`` with both encoders of ``model``.
+    """Encode tiles of ``grid`` with both encoders of ``model``, all results in memory.
+
+    For a whole large slide use
+    :func:`~napari_sigmma.analysis.embedzarr.embed_slide_streaming`, which writes each
+    batch to a ``.zarr`` store instead. Parameters as :func:`iter_embed_batches`; a
+    cancelled run returns the tiles done so far with ``complete=False``.
+    """
+    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
+    batches = list(
+        iter_embed_batches(
+            model,
+            paired,
+            grid,
+            featurizer=featurizer,
+            settings=settings,
+            indices=idx,
+            batch_size=batch_size,
+            device=device,
+            cells=cells,
+            cancel=cancel,
+            progress=progress,
+        )
+    )
+    done = sum(b.indices.size for b in batches)
+    dim = int(getattr(model.cfg, "embed_dim", 0))
+    he = {
+        s: np.concatenate([b.he[s] for b in batches])
+        for s in SCALES
+        if batches and all(s in b.he for b in batches)
+    }
+    if not batches:
+        he = {s: np.zeros((0, dim), np.float32) for s in SCALES}
+    st: dict[str, np.ndarray] = {}
+    for b in batches:
+        for s, v in b.st.items():
+            arr = st.setdefault(s, np.full((done, v.shape[1]), np.nan, np.float32))
+            arr[b.start : b.start + v.shape[0]] = v
+    cell_st: dict[str, list[np.ndarray]] = {}
+    for b in batches:
+        for s, v in b.cell_st.items():
+            cell_st.setdefault(s, []).append(v)
+
+    def cat(name: str, dtype: type) -> np.ndarray:
+        parts = [getattr(b, name) for b in batches]
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    return TileEmbeddings(
+        indices=idx[:done],
+        tile_ids=[grid.tile_ids[int(i)] for i in idx[:done]],
+        he=he,
+        st=st,
+        valid=cat("valid", bool),
+        n_cells=cat("n_cells", np.int64),
+        cell_index=cat("cell_index", np.int64),
+        cell_tile=cat("cell_tile", np.int64),
+        cell_st={s: np.concatenate(v) for s, v in cell_st.items()},
+        complete=done == idx.size,
+    )
+
+
+def iter_embed_batches(
+    model: Any,
+    paired: PairedSlide,
+    grid: TileGrid,
+    *,
+    featurizer: NodeFeaturizer | None = None,
+    settings: GraphSettings | None = None,
+    indices: np.ndarray | None = None,
+    batch_size: int = 8,
+    device: Any = None,
+    cells: bool = True,
+    cancel: CancelLike = None,
+    progress: Callable[[int, int], None] | None = None,
+    chunk_tiles: int = 512,
+) -> Iterator[EmbedBatch]:
+    """Encode tiles of ``grid`` with both encoders of ``model``, one batch at a time.
+
+    Every tile gets HE embeddings at the three scales; tiles with at least ``min_cells``
+    cells also get ST embeddings and their cells node embeddings per scale. Cell graphs
+    are built ``chunk_tiles`` tiles at a time and node features once, so what is held
+    grows with the slide's cells, not with its area.
 
     Parameters
     ----------
@@ -98,7 +214,7 @@ def embed_tiles(
         Cell-graph settings (as in training; default
         :class:`~napari_sigmma.tiles.dataset.GraphSettings`).
     indices
-        Tiles to encode (default: all).
+        Tiles to encode, in this order (default: all).
     batch_size
         Tiles per forward.
     device
@@ -106,17 +222,17 @@ def embed_tiles(
     cells
         Also return per-cell node embeddings.
     cancel
-        Event or callable checked between batches; the result then has ``complete=False``.
+        Event or callable checked between batches; the generator then stops early.
     progress
         ``progress(done, total)`` after each batch.
+    chunk_tiles
+        Tiles whose cell graphs are prepared together.
     """
     import torch
-    from torch_geometric.data import Batch
 
-    from napari_sigmma.device import autocast, resolve_device
+    from napari_sigmma.device import resolve_device
     from napari_sigmma.io import release_thread_dask_pool
     from napari_sigmma.tiles.dataset import GraphSettings, prepare_slide
-    from napari_sigmma.tiles.grid import read_tile
 
     settings = settings or GraphSettings()
     if device is None:
@@ -126,60 +242,34 @@ def embed_tiles(
     idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= len(grid)):
         raise SigmmaError(f"tile indices out of range 0..{len(grid) - 1}")
-    sub = grid.subset(idx)
-    slide = prepare_slide(paired, grid=sub, settings=settings)
+    batch_size = max(1, int(batch_size))
+    chunk = max(batch_size, int(chunk_tiles) // batch_size * batch_size)
     use_st = featurizer is not None and paired.n_cells > 0
-    if use_st:
-        slide.set_features(featurizer)  # type: ignore[arg-type]
+    node_x = counts = None
 
     was_training = model.training
     model.eval()
-    he: dict[str, list[np.ndarray]] = {s: [] for s in SCALES}
-    dim = int(getattr(model.cfg, "embed_dim", 0))
-    st_rows: dict[str, np.ndarray] = {}
-    cell_rows: dict[str, list[np.ndarray]] = {s: [] for s in SCALES}
-    cell_index: list[np.ndarray] = []
-    cell_tile: list[np.ndarray] = []
-    done = 0
-    complete = True
     level = paired.image.best_level(grid.target_mpp)
     held = level not in paired.image._memory and paired.image.hold_level(level)
     try:
         with torch.no_grad():
-            for start in range(0, idx.size, max(1, int(batch_size))):
-                if is_cancelled(cancel):
-                    complete = False
-                    break
-                pos = np.arange(start, min(start + batch_size, idx.size))
-                imgs = np.stack([read_tile(paired, sub, int(p)) for p in pos])
-                x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(device)
-                with autocast(device):
-                    img = model.encode_image(x)
-                for s in SCALES:
-                    if s in img:
-                        he[s].append(img[s].float().cpu().numpy())
+            for c0 in range(0, idx.size, chunk):
+                sub = grid.subset(idx[c0 : c0 + chunk])
+                slide = prepare_slide(paired, grid=sub, settings=settings)
                 if use_st:
-                    vpos = [int(p) for p in pos if slide.cells[int(p)].valid]
-                    if vpos:
-                        gb = Batch.from_data_list([slide.tile_data(p, index=p) for p in vpos]).to(
-                            device
-                        )
-                        with autocast(device):
-                            out = model.encode_graph(gb)
-                        for s, v in out.emb.items():
-                            arr = st_rows.setdefault(
-                                s, np.full((idx.size, v.shape[1]), np.nan, np.float32)
-                            )
-                            arr[vpos] = v.float().cpu().numpy()
-                        if cells and out.nodes:
-                            for p in vpos:
-                                cell_index.append(slide.cells[p].cells)
-                                cell_tile.append(np.full(slide.cells[p].n_cells, p, np.int64))
-                            for s, v in out.nodes.items():
-                                cell_rows.setdefault(s, []).append(v.float().cpu().numpy())
-                done = int(pos[-1]) + 1
-                if progress is not None:
-                    progress(done, int(idx.size))
+                    if node_x is None:
+                        node_x = featurizer.features(paired)  # type: ignore[union-attr]
+                        counts = slide.aligned_counts(featurizer)  # type: ignore[arg-type]
+                    slide.set_features(featurizer, node_x=node_x, counts=counts)  # type: ignore[arg-type]
+                for b0 in range(0, len(sub), batch_size):
+                    if is_cancelled(cancel):
+                        return
+                    pos = np.arange(b0, min(b0 + batch_size, len(sub)))
+                    yield _embed_one_batch(
+                        model, slide, pos, idx[c0 : c0 + chunk], c0, device, use_st, cells
+                    )
+                    if progress is not None:
+                        progress(c0 + int(pos[-1]) + 1, int(idx.size))
     finally:
         if held:
             paired.image.release(level)
@@ -187,23 +277,62 @@ def embed_tiles(
         # tile reads computed dask arrays: free the pool dask keeps for this (worker) thread
         release_thread_dask_pool()
 
-    he_out = {s: np.concatenate(v) if v else np.zeros((0, dim), np.float32) for s, v in he.items()}
-    he_out = {s: v for s, v in he_out.items() if v.shape[0] == done}
-    st_out = {s: v[:done] for s, v in st_rows.items()}
-    valid = np.array([c.valid for c in slide.cells[:done]], dtype=bool)
-    if not use_st:
-        valid[:] = False
-    return TileEmbeddings(
-        indices=idx[:done],
-        tile_ids=[grid.tile_ids[int(i)] for i in idx[:done]],
-        he=he_out,
-        st=st_out,
+
+def _embed_one_batch(
+    model: Any,
+    slide: SlideTiles,
+    pos: np.ndarray,
+    chunk_indices: np.ndarray,
+    offset: int,
+    device: Any,
+    use_st: bool,
+    cells: bool,
+) -> EmbedBatch:
+    """Both encoders on the tiles ``pos`` of the chunk ``slide`` (run positions ``offset + pos``;
+    grid indices ``chunk_indices[pos]``)."""
+    import torch
+    from torch_geometric.data import Batch
+
+    from napari_sigmma.device import autocast
+    from napari_sigmma.tiles.grid import read_tile
+
+    imgs = np.stack([read_tile(slide.paired, slide.grid, int(p)) for p in pos])
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous().to(device)
+    with autocast(device):
+        img = model.encode_image(x)
+    he = {s: img[s].float().cpu().numpy() for s in SCALES if s in img}
+    tc = [slide.cells[int(p)] for p in pos]
+    valid = np.array([c.valid for c in tc], dtype=bool) & use_st
+    st: dict[str, np.ndarray] = {}
+    cell_st: dict[str, np.ndarray] = {}
+    cell_index = np.zeros(0, np.int64)
+    cell_tile = np.zeros(0, np.int64)
+    vpos = [int(p) for p, ok in zip(pos, valid, strict=True) if ok]
+    if vpos:
+        gb = Batch.from_data_list([slide.tile_data(p, index=p) for p in vpos]).to(device)
+        with autocast(device):
+            out = model.encode_graph(gb)
+        rows = np.flatnonzero(valid)
+        for s, v in out.emb.items():
+            block = np.full((pos.size, v.shape[1]), np.nan, np.float32)
+            block[rows] = v.float().cpu().numpy()
+            st[s] = block
+        if cells and out.nodes:
+            cell_index = np.concatenate([slide.cells[p].cells for p in vpos]).astype(np.int64)
+            cell_tile = np.concatenate(
+                [np.full(slide.cells[p].n_cells, offset + p, np.int64) for p in vpos]
+            )
+            cell_st = {s: v.float().cpu().numpy() for s, v in out.nodes.items()}
+    return EmbedBatch(
+        start=offset + int(pos[0]),
+        indices=np.asarray(chunk_indices[pos], dtype=np.int64),
+        he=he,
+        st=st,
         valid=valid,
-        n_cells=np.array([c.n_cells for c in slide.cells[:done]], dtype=np.int64),
-        cell_index=np.concatenate(cell_index) if cell_index else np.zeros(0, np.int64),
-        cell_tile=np.concatenate(cell_tile) if cell_tile else np.zeros(0, np.int64),
-        cell_st={s: np.concatenate(v) for s, v in cell_rows.items() if v},
-        complete=complete,
+        n_cells=np.array([c.n_cells for c in tc], dtype=np.int64),
+        cell_index=cell_index,
+        cell_tile=cell_tile,
+        cell_st=cell_st,
     )
 
 

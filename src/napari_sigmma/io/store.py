@@ -13,7 +13,14 @@ from napari_sigmma.errors import SigmmaError
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-__all__ = ["is_sdata_store", "read_sdata", "write_sdata"]
+__all__ = [
+    "is_sdata_store",
+    "merge_stores",
+    "prepare_target",
+    "read_sdata",
+    "swap_in",
+    "write_sdata",
+]
 
 #: Top-level groups a SpatialData store may have.
 ELEMENT_GROUPS = ("images", "labels", "points", "shapes", "tables")
@@ -119,6 +126,30 @@ def write_sdata(
         Wrong suffix, target exists (without ``overwrite``) or is not a SpatialData store,
         or the store is the one ``sdata`` is read from.
     """
+    p, tmp = prepare_target(path, overwrite=overwrite)
+    if p.exists() and _reads_from(sdata, p):
+        raise SigmmaError(
+            "cannot overwrite the store the data is being read from; write elsewhere", path=p
+        )
+    try:
+        sdata.write(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SigmmaError(f"could not write the SpatialData store ({err})", path=p) from err
+    swap_in(tmp, p)
+    sdata.path = p
+    return p
+
+
+def prepare_target(path: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Check that a SpatialData store may be written at ``path``; returns it and an empty
+    temporary path beside it to write into first (then :func:`swap_in`).
+
+    Raises
+    ------
+    SigmmaError
+        Wrong suffix, target exists (without ``overwrite``) or is not a SpatialData store.
+    """
     p = Path(path)
     if p.suffix != ".zarr":
         raise SigmmaError("a SpatialData store's name must end in .zarr", path=p)
@@ -129,25 +160,76 @@ def write_sdata(
             raise SigmmaError(
                 "exists and is not a SpatialData store; refusing to overwrite it", path=p
             )
-        if _reads_from(sdata, p):
-            raise SigmmaError(
-                "cannot overwrite the store the data is being read from; write elsewhere",
-                path=p,
-            )
-    p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.stem}.partial.zarr")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        sdata.write(tmp)
-    except Exception as err:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    except OSError as err:
+        raise SigmmaError(f"cannot write here ({err.strerror or err})", path=p) from err
+    return p, tmp
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Replace ``path`` by the complete store ``tmp``: only now is an old store removed, so
+    a failed or cancelled write leaves it as it was."""
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def merge_stores(
+    parts: list[str | os.PathLike[str]], path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Merge SpatialData stores with distinct element names into one, by moving folders.
+
+    No element is loaded: each part's element folders (``shapes/tiles_0``,
+    ``tables/tile_embeddings_0``, …) are moved into the new store and its metadata is
+    consolidated again, so merging the embeddings of many large slides costs no memory.
+    The parts are consumed (moved); on failure the target is untouched.
+
+    Raises
+    ------
+    SigmmaError
+        A part that is not a SpatialData store, two parts with an element of the same
+        name, or a bad target (see :func:`prepare_target`).
+    """
+    import warnings
+
+    import zarr
+
+    p, tmp = prepare_target(path, overwrite=overwrite)
+    srcs = [Path(q) for q in parts]
+    for q in srcs:
+        if not is_sdata_store(q):
+            raise SigmmaError("not a SpatialData store", path=q)
+    if not srcs:
+        raise SigmmaError("nothing to merge", path=p)
+    try:
+        shutil.move(srcs[0], tmp)
+        root = zarr.open_group(str(tmp), mode="r+", use_consolidated=False)
+        for q in srcs[1:]:
+            for group in ELEMENT_GROUPS:
+                if not (q / group).is_dir():
+                    continue
+                root.require_group(group)
+                for child in sorted((q / group).iterdir()):
+                    if not child.is_dir():
+                        continue
+                    dest = tmp / group / child.name
+                    if dest.exists():
+                        raise SigmmaError(f"element {group}/{child.name} is in two parts", path=q)
+                    shutil.move(child, dest)
+            shutil.rmtree(q)  # what is left is the part's empty groups and root metadata
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+            zarr.consolidate_metadata(str(tmp))
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise SigmmaError(f"could not write the SpatialData store ({err})", path=p) from err
-    # swap in only once the new store is complete, so a failed write leaves the old one
-    if p.exists():
-        shutil.rmtree(p)
-    tmp.rename(p)
-    sdata.path = p
+        if isinstance(err, OSError):
+            raise SigmmaError(f"could not merge the stores ({err})", path=p) from err
+        raise
+    swap_in(tmp, p)
     return p
 
 

@@ -146,20 +146,37 @@ class SlideTiles:
             atomic_save_npy(path, self.images)
         return self.images
 
-    def set_features(self, featurizer: NodeFeaturizer) -> None:
-        """Compute node features of all cells and the gene vector of every tile."""
-        from napari_sigmma.tiles.features import align_counts, tile_gene_vectors
+    def set_features(
+        self,
+        featurizer: NodeFeaturizer,
+        *,
+        node_x: np.ndarray | None = None,
+        counts: Any = None,
+    ) -> None:
+        """Compute node features of all cells and the gene vector of every tile.
 
-        self.node_x = featurizer.features(self.paired)
-        if self.paired.n_cells:
-            counts = align_counts(self.paired.counts, self.paired.genes, featurizer.genes)
-        else:
-            import scipy.sparse as sp
+        ``node_x`` and ``counts`` (the slide's counts aligned to ``featurizer.genes``, from
+        :meth:`aligned_counts`) may be passed in when several grids of one slide share them,
+        so a slide embedded chunk by chunk featurises its cells once.
+        """
+        from napari_sigmma.tiles.features import tile_gene_vectors
 
-            counts = sp.csr_matrix((0, len(featurizer.genes)), dtype=np.float32)
+        self.node_x = featurizer.features(self.paired) if node_x is None else node_x
+        if counts is None:
+            counts = self.aligned_counts(featurizer)
         self.genevec = tile_gene_vectors(
             counts, [c.cells for c in self.cells], featurizer.target_sum
         )
+
+    def aligned_counts(self, featurizer: NodeFeaturizer) -> Any:
+        """The slide's counts as CSR with the columns of ``featurizer.genes``."""
+        from napari_sigmma.tiles.features import align_counts
+
+        if self.paired.n_cells:
+            return align_counts(self.paired.counts, self.paired.genes, featurizer.genes)
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((0, len(featurizer.genes)), dtype=np.float32)
 
     def tile_data(self, i: int, *, index: int | None = None) -> Any:
         """The PyG ``TileData`` of tile ``i`` (needs :meth:`set_features` first)."""

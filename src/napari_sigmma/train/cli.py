@@ -196,10 +196,9 @@ def _embed_slide_to_zarr(
     overwrite: bool,
     cancel: Any = None,
 ) -> str:
-    from napari_sigmma.analysis.embed import embed_tiles, embeddings_to_sdata
+    from napari_sigmma.analysis.embedzarr import embed_slide_streaming
     from napari_sigmma.device import resolve_device
     from napari_sigmma.io import load_any
-    from napari_sigmma.io.store import write_sdata
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
     from napari_sigmma.train.config import TrainConfig
@@ -220,26 +219,21 @@ def _embed_slide_to_zarr(
         paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
     )
     _say(f"{name}: {len(grid)} tiles, {paired.n_cells} cells")
-    emb = embed_tiles(
+    res = embed_slide_streaming(
         model,
         paired,
         grid,
+        out,
         featurizer=featurizer if paired.n_cells else None,
         settings=graph_settings(cfg),
         batch_size=8,
         device=dev,
-        cancel=cancel,
-    )
-    if not emb.complete:
-        raise Cancelled()
-    sdata = embeddings_to_sdata(
-        emb,
-        paired,
-        grid,
         suffix=suffix,
         attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
+        overwrite=overwrite,
+        cancel=cancel,
     )
-    return str(write_sdata(sdata, out, overwrite=overwrite))
+    return str(res.path)
 
 
 def _distributed_client(address: str | None, n_slides: int) -> tuple[Any, Any]:
@@ -355,14 +349,12 @@ def run_embed(args: argparse.Namespace) -> int:
 
     One slide is embedded here. A folder of slides is distributed over dask.distributed
     workers, one slide per task (a local cluster of processes by default, or the scheduler
-    at ``--scheduler``); each writes its own ``.zarr`` under ``<out>.parts/`` and the parts
-    are concatenated into ``--out``.
+    at ``--scheduler``); each streams its own ``.zarr`` under ``<out>.parts/`` and the parts'
+    element folders are moved into ``--out``.
     """
     import shutil
 
-    import spatialdata as sd
-
-    from napari_sigmma.io.store import read_sdata, write_sdata
+    from napari_sigmma.io.store import merge_stores
     from napari_sigmma.train.trainer import load_checkpoint
 
     ckpt_path = resolve_checkpoint(args.checkpoint)
@@ -404,8 +396,9 @@ def run_embed(args: argparse.Namespace) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
-    combined = sd.concatenate([read_sdata(p) for p in written_parts])
-    written = write_sdata(combined, out)
+    # element folders are moved, not loaded: merging many slides' embeddings holds none
+    written = merge_stores(written_parts, out)
     shutil.rmtree(parts_dir, ignore_errors=True)
-    _say(f"wrote {written}: " + ", ".join(sorted(combined.tables)))
+    tables = sorted(t.name for t in (written / "tables").iterdir() if t.is_dir())
+    _say(f"wrote {written}: " + ", ".join(tables))
     return 0
