@@ -1,14 +1,18 @@
 """IVF search of the retrieval index: recall against exact search, growth after training,
-persistence without pickle, exact mode and bad queries. No timing is asserted."""
+persistence without pickle, exact mode and bad queries, and builds in another thread than
+the queries (a query never waits for a build). No timing is asserted."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from napari_sigmma.analysis.retrieval import EmbeddingIndex, spherical_kmeans
 from napari_sigmma.analysis.scalebench import clustered_embeddings, retrieval_scale
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import Cancelled, SigmmaError
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -194,3 +198,122 @@ def test_retrieval_scale_reports_ivf_and_exact_on_the_same_queries() -> None:
     g = retrieval_scale(12_000, 16, data="gaussian", n_queries=10, ivf_min_size=5000)
     assert g["data"] == "gaussian" and 0 <= g["recall_at_k"] <= 1
     assert g["topk_cos_median"] < r["topk_cos_median"]  # noise has no close neighbours
+
+
+# -- builds off the querying thread ---------------------------------------------------------------
+def test_a_query_during_a_build_is_exact_and_does_not_wait() -> None:
+    """One thread builds the IVF (60k × 64), another queries: the query searches every row
+    exactly and returns while the build is still running; rows added during the build are
+    found at once and join the IVF when it is installed."""
+    rng = np.random.default_rng(11)
+    data = rng.normal(size=(60_000, 64)).astype(np.float32)
+    index = EmbeddingIndex(64, use_faiss=False, build_in_query=False)
+    index.add("r", np.arange(60_000), data)
+    assert index.needs_build() and not index.is_ivf and not index.building
+    # the build polls its cancel hook between k-means iterations and assignment blocks:
+    # this one holds the build there until released, so it is surely mid-way
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> bool:
+        inside.set()
+        release.wait(30)
+        return False
+
+    builder = threading.Thread(target=index.ensure_built, args=(hold,), name="ivf-builder")
+    builder.start()
+    try:
+        assert inside.wait(30) and index.building
+        queries = rng.normal(size=(5, 64)).astype(np.float32)
+        got: list[list[tuple[str, int, float]]] = []
+        asker = threading.Thread(target=lambda: got.extend(index.query(q, 10) for q in queries))
+        asker.start()
+        asker.join(20)
+        assert not asker.is_alive() and len(got) == 5  # answered; the build is still held
+        assert index.building and not index.is_ivf
+        for q, hits in zip(queries, got, strict=True):
+            assert [t for _, t, _ in hits] == _brute_force(data, q, 10).tolist()
+        # rows added mid-build are searched (exactly) at once
+        late = rng.normal(size=(50, 64)).astype(np.float32)
+        index.add("late", np.arange(50), late)
+        assert index.query(late[7], k=1)[0][:2] == ("late", 7)
+    finally:
+        release.set()
+        builder.join(60)
+    assert not builder.is_alive() and not index.building
+    assert index.is_ivf and index.last_build_thread == "ivf-builder"
+    assert [b["kind"] for b in index.builds] == ["train"] and index.builds[0]["rows"] == 60_000
+    assert len(index) == 60_050 and not index.needs_build()
+    for i in (0, 7, 49):  # the late rows went to the new lists' tail
+        assert index.query(late[i], k=1)[0][:2] == ("late", i)
+
+    # unheld: queries keep being answered (exactly) while a retrain runs in a thread
+    builder = threading.Thread(target=index.build_ivf, name="ivf-rebuilder")
+    exact_ms, during = [], 0
+    builder.start()
+    while builder.is_alive():
+        q = rng.normal(size=64).astype(np.float32)
+        t0 = time.perf_counter()
+        hits = index.query(q, 10, exact=True)
+        exact_ms.append(1000 * (time.perf_counter() - t0))
+        during += index.building
+        assert [h[2] for h in hits] == sorted((h[2] for h in hits), reverse=True)
+    builder.join()
+    assert during >= 1  # at least one query ended before the build did
+    assert index.last_build_thread == "ivf-rebuilder" and len(index.builds) == 2
+    print(
+        f"\n60k×64 build {index.build_seconds:.2f} s; {len(exact_ms)} exact queries during "
+        f"it, median {np.median(exact_ms):.1f} ms, max {max(exact_ms):.1f} ms"
+    )
+
+
+def test_a_cancelled_build_leaves_the_index_as_it_was(clustered) -> None:
+    data, queries = clustered
+    index = EmbeddingIndex(32, use_faiss=False, build_in_query=False)
+    index.add("a", np.arange(60_000), data)
+    polls: list[int] = []
+
+    def stop_after_three() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(Cancelled):
+        index.ensure_built(stop_after_three)
+    assert len(polls) == 4 and not index.is_ivf and not index.building and not index.builds
+    assert index.needs_build()
+    exact = index.query(queries[0], 10)  # still answered, exactly
+    assert [t for _, t, _ in exact] == _brute_force(data, queries[0], 10).tolist()
+
+
+def test_ensure_built_in_a_thread_gives_the_lazy_index(
+    ivf_index: EmbeddingIndex, clustered: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """``build_in_query=False``: queries never build; ensure_built (here in a worker thread)
+    gives the same IVF, hence the same results and recall, as the lazily trained index;
+    doubling the index waits for the next ensure_built, the old IVF serving meanwhile."""
+    data, queries = clustered
+    index = EmbeddingIndex(32, use_faiss=False, build_in_query=False)
+    index.add("a", np.arange(30_000), data[:30_000])
+    index.add("b", np.arange(30_000), data[30_000:])
+    assert index.query(queries[0], 10) == index.query(queries[0], 10, exact=True)
+    assert not index.is_ivf and not index.builds  # the query did not build
+    worker = threading.Thread(target=index.ensure_built, name="prepare-worker")
+    worker.start()
+    worker.join(60)
+    assert index.is_ivf and index.last_build_thread == "prepare-worker"
+    assert index.ivf_lists == ivf_index.ivf_lists
+    assert index.effective_nprobe == ivf_index.effective_nprobe < index.ivf_lists / 4
+    for q in queries[:20]:
+        assert index.query(q, 10) == ivf_index.query(q, 10)
+    recall = [
+        len(_keys(index.query(q, 10)) & _keys(index.query(q, 10, exact=True))) / 10 for q in queries
+    ]
+    assert np.mean(recall) >= 0.95
+    assert not index.ensure_built()  # nothing due
+    lists = index.ivf_lists
+    index.add("double", np.arange(60_000), data + 0.01)
+    assert index.needs_build()
+    for i in (0, 31_000):  # the old IVF (new rows in its tail) serves meanwhile
+        assert index.query(data[i] + 0.01, k=1)[0][:2] == ("double", i)
+    assert index.ivf_lists == lists and len(index.builds) == 1
+    assert index.ensure_built() and index.ivf_lists > lists and not index.needs_build()
+    assert index.last_build_thread == threading.current_thread().name

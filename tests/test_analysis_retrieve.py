@@ -165,3 +165,45 @@ def test_cells_selection_and_summaries(slide):
     assert [v for _, v in genes] == pytest.approx(m.mean(axis=0)[best], rel=1e-4)
     assert format_pairs(comp, percent=True).endswith("%")
     assert format_pairs([]) == "—"
+
+
+def test_prepare_builds_in_a_worker_and_queries_never_build(slide):
+    """A store made with ``build_in_query=False`` (as the viewer's): above ``ivf_min_size`` a
+    query searches exactly without building; ``prepare`` in a worker thread builds the IVF
+    of the indices that are due, while another thread adds tiles and queries."""
+    import threading
+
+    paired, grid = slide
+    n = min(len(grid), 40)
+    store = RetrievalStore(use_faiss=False, ivf_min_size=n + 1, build_in_query=False)
+    store.add_results("a", paired, grid, _results(grid, n, seed=3))
+    assert not store.needs_build()  # n < the threshold
+    store.add_results("b", paired, grid, _results(grid, n, seed=4))
+    assert store.needs_build() and store.needs_build(scales=["macro"], modalities=["st"])
+    se = store.slide("b")
+    m = store.query_he_to_st("b", 3, "macro", k=5)
+    st = store.index("st", "macro")
+    assert not st.is_ivf and not st.builds  # answered exactly, nothing built
+    assert (m[0].slide, m[0].tile_index) == ("b", 3)
+    worker = threading.Thread(
+        target=store.prepare, kwargs={"scales": ["macro"]}, name="prepare-worker"
+    )
+    worker.start()
+    # meanwhile this thread adds a slide and queries (both must work during the build)
+    store.add_results("c", paired, grid, _results(grid, 5, seed=5))
+    m = store.query_he_to_st("b", 4, "macro", k=1)
+    assert (m[0].slide, m[0].tile_index) == ("b", 4)
+    worker.join(60)
+    assert not worker.is_alive()
+    for mod in ("he", "st"):
+        idx = store.index(mod, "macro")
+        assert idx.is_ivf and {b["thread"] for b in idx.builds} == {"prepare-worker"}
+    assert not store.index("st", "micro").is_ivf  # other scales were not asked for
+    assert store.needs_build() and not store.needs_build(scales=["macro"])
+    assert store.prepare() > 0 and not store.needs_build()
+    assert store.index("st", "micro").last_build_thread == threading.current_thread().name
+    assert len(store.index("st", "macro")) == 2 * n + 5
+    # the IVF finds each tile's ST partner (a noisy copy of its HE embedding)
+    for i in (0, n // 2, n - 1):
+        v = se.vector("he", "macro", i)
+        assert store.query(v, target="st", scale="macro", k=1)[0].tile_index == i

@@ -314,3 +314,91 @@ def test_explore_changes_layers_without_encoding(make_napari_viewer, qtbot, trai
     assert ctl.k == 6
     assert t.counter.n == n0  # no encoder call for any of it
     ctl.close()
+
+
+def test_queries_never_build_the_ivf_on_the_gui_thread(make_napari_viewer, qtbot, trained):
+    """With the store above its IVF threshold, clicks query exactly (or through an IVF a
+    worker built) and never build on the main thread: every build the indices record ran in
+    a worker thread (the whole-slide worker, or the one a query starts)."""
+    import threading
+
+    from napari_sigmma.analysis.retrieve import SlideEmbeddings
+    from napari_sigmma.viewer.retrieval import RetrievalWidget
+
+    t = trained
+    grid = t.engine.grid
+    main = threading.main_thread().name
+    viewer, layer, _ = _viewer_with_he(make_napari_viewer, t)
+    # one slide stays below the threshold, it and two noisy copies are above it
+    w = RetrievalWidget(viewer, ivf_min_size=len(grid) + 1)
+    qtbot.addWidget(w)
+    w.set_engine(t.engine, layer)
+    w.scale.setCurrentText(SCALE)
+    w.top_k.setValue(5)
+    # (tiles cached by the first test: the worker may end before a waitSignal would connect)
+    assert w.encode_all() is not None
+    qtbot.waitUntil(lambda: not w.busy, timeout=240_000)
+    se = w.store.slide(t.paired.name)
+    assert len(se) == len(grid) and not w.store.needs_build()
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        copy = SlideEmbeddings(f"copy {c}", None, None)
+        for s in ("micro", "meso", "macro"):
+            for mod in ("he", "st"):
+                src = getattr(se, mod)[s]
+                getattr(copy, mod)[s] = {
+                    i: (v + 0.05 * rng.normal(size=v.shape)).astype(np.float32)
+                    for i, v in src.items()
+                }
+        w.store.add_slide(copy)  # on the main thread, as a reference's results are added
+    st_index = w.store.index("st", SCALE)
+    assert w.store.needs_build() and not st_index.is_ivf and not st_index.builds
+
+    # a click now: answered exactly (checked against numpy over all three slides), no build
+    ids, ranks, _ = _own_ranks(se, SCALE)
+    q = ids[int(np.argmin(ranks))]
+    x0, y0, x1, y1 = grid.bounds[q]
+    world = layer.data_to_world(np.array([(y0 + y1) / 2, (x0 + x1) / 2]))
+    _click(layer, world)
+    assert w.last_query["tile_index"] == q
+    keys = [(name, i) for name in w.store.slides for i in sorted(w.store.slides[name].st[SCALE])]
+    st = np.stack([w.store.slides[name].st[SCALE][i] for name, i in keys])
+    st /= np.linalg.norm(st, axis=1, keepdims=True)
+    v = se.he[SCALE][q] / np.linalg.norm(se.he[SCALE][q])
+    want = [keys[i] for i in np.argsort(-(st @ v), kind="stable")[:5]]
+    assert [(m.slide, m.tile_index) for m in w.matches] == want
+    assert all(b["thread"] != main for b in st_index.builds)
+    # … and the click started a worker that builds the due indices
+    assert w._prepare_worker is not None or st_index.builds
+    qtbot.waitUntil(lambda: not w.busy and not w.store.needs_build(), timeout=60_000)
+    assert st_index.is_ivf and len(st_index) > len(grid)
+    he_index = w.store.index("he", SCALE)
+    builds = st_index.builds + he_index.builds
+    assert builds and all(b["thread"] != main for b in builds)
+    n_builds = len(st_index.builds)
+    _click(layer, world)  # through the IVF now; nothing is built
+    assert len(st_index.builds) == n_builds
+    got = [(m.slide, m.tile_index) for m in w.matches]
+    assert got == [(s, i) for s, i, _ in st_index.query(v, 5)]
+    assert len(set(got) & set(want)) >= 3  # the IVF (16 lists, half probed) ≈ exact
+    assert all(b["thread"] != main for b in st_index.builds)
+    w.close_workers()
+
+    # the whole-slide worker's generator adds the tiles and builds the due indices in the
+    # worker's own thread, after a (None, done, total) progress item
+    from napari_sigmma.analysis.retrieve import RetrievalStore
+    from napari_sigmma.viewer.retrieval import _encode_all
+
+    store = RetrievalStore(ivf_min_size=16, build_in_query=False)
+    items: list = []
+    job = threading.Thread(
+        target=lambda: items.extend(_encode_all(t.engine, threading.Event(), store, "s", [SCALE])),
+        name="encode-worker",
+    )
+    job.start()
+    job.join(120)
+    assert not job.is_alive() and items[-1][0] is None and items[-1][1] == len(grid)
+    for mod in ("he", "st"):
+        idx = store.index(mod, SCALE)
+        assert idx.is_ivf and idx.last_build_thread == "encode-worker"
+    assert not store.index("st", "macro").is_ivf  # only the scales asked for

@@ -20,6 +20,7 @@ subgraph would be a different (untrained) input distribution.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sigmma.analysis.retrieval import EmbeddingIndex
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.analysis.retrieval import IVF_MIN_SIZE, EmbeddingIndex
+from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 from napari_sigmma.files import atomic_savez
 
 if TYPE_CHECKING:
@@ -181,20 +182,41 @@ class SlideEmbeddings:
 
 
 class RetrievalStore:
-    """Tile embeddings of several slides and exact cosine indices over them.
+    """Tile embeddings of several slides and a cosine index over them per (modality, scale).
 
     Parameters
     ----------
     use_faiss
         Passed to :class:`~napari_sigmma.analysis.retrieval.EmbeddingIndex` (``None``: faiss
         when installed).
+    ivf_min_size
+        Passed to each index: from this many embeddings on, queries use an IVF.
+    build_in_query
+        Passed to each index. ``False`` (the viewer): queries never build an IVF; call
+        :meth:`prepare` (in a worker thread) to build what is due.
+
+    Notes
+    -----
+    Safe across threads: slides are added and indices grown under one lock (held for the
+    bookkeeping, not for an IVF build), so a worker may add results and :meth:`prepare`
+    while the GUI thread queries.
     """
 
-    def __init__(self, *, use_faiss: bool | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        use_faiss: bool | None = None,
+        ivf_min_size: int | None = IVF_MIN_SIZE,
+        build_in_query: bool = True,
+    ) -> None:
         self.slides: dict[str, SlideEmbeddings] = {}
         self.use_faiss = use_faiss
+        self.ivf_min_size = ivf_min_size
+        self.build_in_query = bool(build_in_query)
+        self._lock = threading.RLock()
         self._indices: dict[tuple[str, str], EmbeddingIndex] = {}
-        self._added: dict[tuple[str, str], set[tuple[str, int]]] = {}
+        # (modality, scale) -> {slide: tile indices already in that index}
+        self._added: dict[tuple[str, str], dict[str, set[int]]] = {}
 
     # -- content ----------------------------------------------------------------------------
     def slide(self, name: str) -> SlideEmbeddings:
@@ -205,63 +227,143 @@ class RetrievalStore:
 
     def add_slide(self, slide: SlideEmbeddings) -> SlideEmbeddings:
         """Add (or replace) a slide; indices are rebuilt on the next query."""
-        if slide.name in self.slides:
-            self._indices.clear()
-            self._added.clear()
-        self.slides[slide.name] = slide
+        with self._lock:
+            if slide.name in self.slides:
+                self._indices.clear()
+                self._added.clear()
+            self.slides[slide.name] = slide
         return slide
 
     def ensure_slide(self, name: str, paired: PairedSlide, grid: TileGrid) -> SlideEmbeddings:
         """The slide ``name``, created empty when new."""
-        if name not in self.slides:
-            self.slides[name] = SlideEmbeddings(name, paired, grid)
-        se = self.slides[name]
-        if se.paired is None:
-            se.paired, se.grid = paired, grid
+        with self._lock:
+            if name not in self.slides:
+                self.slides[name] = SlideEmbeddings(name, paired, grid)
+            se = self.slides[name]
+            if se.paired is None:
+                se.paired, se.grid = paired, grid
         return se
 
     def add_results(
         self, name: str, paired: PairedSlide, grid: TileGrid, results: Iterable[TileResult]
     ) -> int:
         """Add engine results of slide ``name`` (the indices grow on the next query)."""
-        return self.ensure_slide(name, paired, grid).add_results(results)
+        with self._lock:
+            return self.ensure_slide(name, paired, grid).add_results(results)
 
     def n_tiles(self, modality: str = "st", scale: str = "macro") -> int:
-        return sum(
-            len(se.he[scale] if modality == "he" else se.st[scale]) for se in self.slides.values()
-        )
+        with self._lock:
+            return sum(
+                len(se.he[scale] if modality == "he" else se.st[scale])
+                for se in self.slides.values()
+            )
 
     # -- indices ----------------------------------------------------------------------------
+    def _new_index(self, dim: int) -> EmbeddingIndex:
+        return EmbeddingIndex(
+            dim,
+            use_faiss=self.use_faiss,
+            ivf_min_size=self.ivf_min_size,
+            build_in_query=self.build_in_query,
+        )
+
     def index(self, modality: str, scale: str) -> EmbeddingIndex:
-        """The up-to-date index of ``modality`` embeddings at ``scale``."""
+        """The up-to-date index of ``modality`` embeddings at ``scale`` (new embeddings are
+        added to it here; an IVF is built only by the index's own rules)."""
         if modality not in MODALITIES:
             raise SigmmaError(f"modality must be 'he' or 'st', not {modality!r}")
         if scale not in SCALES:
             raise SigmmaError(f"scale must be one of {SCALES}, not {scale!r}")
         key = (modality, scale)
-        done = self._added.setdefault(key, set())
-        idx = self._indices.get(key)
-        for se in self.slides.values():
-            table = (se.he if modality == "he" else se.st).get(scale, {})
-            new = [t for t in table if (se.name, t) not in done]
-            if not new:
-                continue
-            emb = np.stack([table[t] for t in new])
+        with self._lock:
+            added = self._added.setdefault(key, {})
+            idx = self._indices.get(key)
+            for se in list(self.slides.values()):
+                table = (se.he if modality == "he" else se.st).get(scale, {})
+                done = added.setdefault(se.name, set())
+                if len(table) == len(done):  # tiles are only ever added (or replaced)
+                    continue
+                # a copy: the viewer may insert tiles of this slide from another thread
+                new = [t for t in table.copy() if t not in done]
+                if not new:
+                    continue
+                emb = np.stack([table[t] for t in new])
+                if idx is None:
+                    idx = self._indices[key] = self._new_index(emb.shape[1])
+                idx.add(se.name, np.asarray(new, np.int64), emb)
+                done.update(new)
             if idx is None:
-                idx = self._indices[key] = EmbeddingIndex(emb.shape[1], use_faiss=self.use_faiss)
-            idx.add(se.name, np.asarray(new, np.int64), emb)
-            done.update((se.name, t) for t in new)
-        if idx is None:
-            dim = next(
-                (
-                    v.shape[0]
-                    for se in self.slides.values()
-                    for v in (se.he.get(scale) or {}).values()
-                ),
-                1,
-            )
-            idx = self._indices[key] = EmbeddingIndex(dim, use_faiss=self.use_faiss)
+                dim = next(
+                    (
+                        v.shape[0]
+                        for se in self.slides.values()
+                        for v in (se.he.get(scale) or {}).values()
+                    ),
+                    1,
+                )
+                idx = self._indices[key] = self._new_index(dim)
         return idx
+
+    def _keys(
+        self, scales: Sequence[str] | None, modalities: Sequence[str] | None
+    ) -> list[tuple[str, str]]:
+        return [(m, s) for s in (scales or SCALES) for m in (modalities or MODALITIES)]
+
+    def needs_build(
+        self, *, scales: Sequence[str] | None = None, modalities: Sequence[str] | None = None
+    ) -> bool:
+        """Whether :meth:`prepare` would build (or merge) an IVF, counting embeddings not yet
+        in their index. Cheap (counts only): the GUI thread may ask before each query."""
+        with self._lock:
+            for m, s in self._keys(scales, modalities):
+                if m not in MODALITIES or s not in SCALES:
+                    raise SigmmaError(f"no index ({m!r}, {s!r})")
+                added = self._added.get((m, s), {})
+                n_all = n_pending = 0
+                for se in self.slides.values():
+                    n = len((se.he if m == "he" else se.st).get(s, {}))
+                    n_all += n
+                    n_pending += n - len(added.get(se.name, ()))
+                idx = self._indices.get((m, s))
+                if idx is None:
+                    if self.ivf_min_size is not None and n_all >= max(1, self.ivf_min_size):
+                        return True
+                elif idx.needs_build(extra=n_pending):
+                    return True
+        return False
+
+    def prepare(
+        self,
+        cancel: CancelLike = None,
+        *,
+        scales: Sequence[str] | None = None,
+        modalities: Sequence[str] | None = None,
+    ) -> float:
+        """Bring the indices of ``scales`` × ``modalities`` (default: all, in that order) up
+        to date and build every IVF that is due, in the calling thread: the viewer runs it
+        in a worker so that a query never builds on the GUI thread. Queries from other
+        threads meanwhile search the previous IVF or exactly.
+
+        Parameters
+        ----------
+        cancel
+            Checked between indices and inside each build (k-means iterations, assignment
+            blocks); raises :class:`~napari_sigmma.errors.Cancelled`, leaving the index
+            being built as it was.
+
+        Returns
+        -------
+        float
+            Seconds spent building.
+        """
+        seconds = 0.0
+        for m, s in self._keys(scales, modalities):
+            check_cancel(cancel)
+            idx = self.index(m, s)
+            n_before = len(idx.builds)
+            if idx.ensure_built(cancel):
+                seconds += sum(float(b["seconds"]) for b in idx.builds[n_before:])  # type: ignore[arg-type]
+        return seconds
 
     # -- queries ----------------------------------------------------------------------------
     def query(self, vector: np.ndarray, *, target: str, scale: str, k: int = 10) -> list[Match]:

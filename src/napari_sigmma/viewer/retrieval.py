@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sigmma.analysis.retrieval import IVF_MIN_SIZE
 from napari_sigmma.analysis.retrieve import (
     RETRIEVAL_FILE,
     Match,
@@ -130,13 +131,26 @@ def _reference_steps(engine: Any, path: str, cancel: threading.Event):
     return paired.name, paired, grid, results
 
 
-def _encode_all(engine: Any, cancel: threading.Event):
-    """Worker generator: every tile of ``engine``'s grid, yielding ``(results, done, total)``."""
+def _encode_all(
+    engine: Any,
+    cancel: threading.Event,
+    store: RetrievalStore,
+    name: str,
+    index_scales: list[str] | None = None,
+):
+    """Worker generator: every tile of ``engine``'s grid, added to ``store`` as slide
+    ``name`` batch by batch, yielding ``(results, done, total)``; then, with
+    ``index_scales``, the search indices of those scales are built here (in the worker) when
+    due, after a ``(None, done, total)`` item, so the first query finds them built."""
     ids = list(engine.grid.tile_ids)
     done = 0
     for batch in engine.encode(ids, cancel):
         done += len(batch)
+        store.add_results(name, engine.paired, engine.grid, batch)
         yield batch, done, len(ids)
+    if index_scales and store.needs_build(scales=index_scales):
+        yield None, done, len(ids)
+        store.prepare(cancel, scales=index_scales)
 
 
 class RetrievalWidget(QWidget):
@@ -146,15 +160,22 @@ class RetrievalWidget(QWidget):
     ----------
     napari_viewer
         The viewer (injected by napari).
+    ivf_min_size
+        Embeddings from which the search uses an IVF (built in a worker thread, never by a
+        query: until it is built, queries search exactly).
     """
 
     #: ``(text, done, total)`` after each batch of a whole-slide or reference encoding
     progressed = Signal(str, int, int)
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+    def __init__(
+        self, napari_viewer: napari.viewer.Viewer, *, ivf_min_size: int | None = IVF_MIN_SIZE
+    ) -> None:
         super().__init__()
         self.viewer = napari_viewer
-        self.store = RetrievalStore()
+        # queries never build an IVF (seconds at 1M tiles) on the GUI thread: workers do
+        self.store = RetrievalStore(ivf_min_size=ivf_min_size, build_in_query=False)
+        self._prepare_worker: Any = None
         self.engine: EmbeddingEngine | None = None
         self.image_layer: Any = None
         self.slide_name = ""
@@ -364,12 +385,13 @@ class RetrievalWidget(QWidget):
                     se.st[s].update({k: v for k, v in old.st[s].items() if k not in se.st[s]})
             except SigmmaError:
                 pass  # a damaged file: re-encode
-        se.add_results(engine.memory_results())
+        self.store.add_results(self.slide_name, engine.paired, engine.grid, engine.memory_results())
         image_layer.mouse_drag_callbacks.append(self._on_click)
         self._say(
             f"Model ready; {len(se)} of {len(engine.grid)} tiles of {self.slide_name} encoded. "
             "Click a tile of the H&E."
         )
+        self.prepare_index()  # saved embeddings may be many
 
     def _saved_path(self) -> Path | None:
         disk = getattr(self.engine, "disk", None)
@@ -389,15 +411,17 @@ class RetrievalWidget(QWidget):
             self._say(NO_ENGINE_TEXT)
             return None
         eng = self.engine
-        if blocking:
-            for batch, done, total in _encode_all(eng, threading.Event()):
-                self._on_encoded((batch, done, total))
+        if blocking:  # the index is built by the worker the next query starts
+            for item in _encode_all(eng, threading.Event(), self.store, self.slide_name):
+                self._on_encoded(item)
             self._encoded_done()
             return None
         from napari.qt.threading import GeneratorWorker
 
         cancel = threading.Event()
-        worker = GeneratorWorker(_encode_all, eng, cancel)
+        worker = GeneratorWorker(
+            _encode_all, eng, cancel, self.store, self.slide_name, self._scale_order()
+        )
         worker.yielded.connect(self._on_encoded)
         worker.finished.connect(self._encoded_done)
         worker.errored.connect(lambda err: self._failed("Encoding failed", err, cancel))
@@ -409,11 +433,16 @@ class RetrievalWidget(QWidget):
         worker.start()
         return worker
 
-    def _on_encoded(self, item: tuple[list[Any], int, int]) -> None:
+    def _on_encoded(self, item: tuple[list[Any] | None, int, int]) -> None:
+        """Progress of an encoding worker (it adds the results to the store itself)."""
         if self._closed:
             return
         batch, done, total = item
-        self.store.add_results(self.slide_name, self.engine.paired, self.engine.grid, batch)
+        if batch is None:  # all encoded; the worker builds the search index now
+            self.progress.setRange(0, 0)
+            self._say(f"Encoded {done} / {total} tiles; building the search index…")
+            self.progressed.emit(self.status.text(), int(done), int(total))
+            return
         self.progress.setRange(0, total)
         self.progress.setValue(done)
         self._say(f"Encoded {done} / {total} tiles")
@@ -450,6 +479,7 @@ class RetrievalWidget(QWidget):
                 name = f"{name} (reference)"
             self.store.add_results(name, paired, grid, results)
             self._say(f"Reference slide {name}: {len(results)} tiles indexed.")
+            self.prepare_index()
             return name
 
         cancel = threading.Event()
@@ -471,6 +501,33 @@ class RetrievalWidget(QWidget):
         self.progress.setRange(0, 0)
         self.progress.setVisible(True)
         self._say(f"Encoding reference {path}…")
+        worker.start()
+        return worker
+
+    def _scale_order(self) -> list[str]:
+        """Scales, the one queried now first (its indices are built first)."""
+        cur = self.scale.currentText()
+        return [cur, *(s for s in ("micro", "meso", "macro") if s != cur)]
+
+    def prepare_index(self) -> Any:
+        """Build the search indices that are due (an IVF from ``ivf_min_size`` embeddings on,
+        or after the index doubled) in a worker thread, the queried scale first; Cancel
+        stops it. Returns the worker, or ``None`` when nothing is due or one already runs.
+        Queries meanwhile search exactly (or the previous IVF); none waits for it."""
+        if self._closed or self._prepare_worker is not None or not self.store.needs_build():
+            return None
+        from napari.qt.threading import FunctionWorker
+
+        cancel = threading.Event()
+        worker = FunctionWorker(self.store.prepare, cancel, scales=self._scale_order())
+        self._prepare_worker = worker
+
+        def ended() -> None:
+            self._prepare_worker = None
+
+        worker.finished.connect(ended)
+        worker.errored.connect(lambda err: self._failed("Indexing failed", err, cancel))
+        self._track(worker, cancel)
         worker.start()
         return worker
 
@@ -523,8 +580,9 @@ class RetrievalWidget(QWidget):
         se = self.store.slide(self.slide_name)
         scale = self.scale.currentText()
         todo = [self.engine.grid.tile_ids[i] for i in tile_indices if i not in se.he[scale]]
-        for batch in self.engine.encode(todo):
-            se.add_results(batch)
+        eng = self.engine
+        for batch in eng.encode(todo):
+            self.store.add_results(self.slide_name, eng.paired, eng.grid, batch)
 
     def query_tile(self, tile_index: int) -> list[Match]:
         """HE→ST: the clicked tile's HE embedding against the ST embeddings of every
@@ -534,6 +592,7 @@ class RetrievalWidget(QWidget):
         matches = self.store.query_he_to_st(self.slide_name, tile_index, scale, k=k)
         self.last_query = {"direction": "he→st", "tile_index": int(tile_index), "scale": scale}
         self.show_matches(matches, query_tiles=[tile_index])
+        self.prepare_index()  # the query searched exactly if the IVF was due: build it now
         n = self.store.n_tiles("st", scale)
         self._say(
             f"H&E tile {self.engine.grid.tile_ids[tile_index]} → top {len(matches)} of {n} "
@@ -583,6 +642,7 @@ class RetrievalWidget(QWidget):
             "direction": "st→he", "tile_index": tile, "scale": scale, "n_cells": int(cells.size)
         }  # fmt: skip
         self.show_matches(matches, query_tiles=[tile])
+        self.prepare_index()
         self._say(
             f"{cells.size} cells → ST of tile {self.engine.grid.tile_ids[tile]} → top "
             f"{len(matches)} H&E tiles ({scale})."
