@@ -6,7 +6,9 @@ the demo model, the time from setting the flag to the task being gone (its threa
 worker processes shut down), for
 
 - **load**: reading a data set (:func:`napari_sigmma.io.load_any`; one reader call, so the
-  bound is the read) and a checkpoint (:func:`~napari_sigmma.analysis.liverun.load_live_run`);
+  bound is the read; and a fresh process's first load, cancelled while the readers'
+  first-time imports run in their own thread, :func:`time_cold_load`) and a checkpoint
+  (:func:`~napari_sigmma.analysis.liverun.load_live_run`);
 - **embed**: :func:`~napari_sigmma.analysis.embed.embed_tiles` (one batch), and
   ``napari-sigmma embed`` over a folder on a local dask.distributed cluster
   (:func:`~napari_sigmma.train.cli.embed_folder`: futures cancelled, cluster closed);
@@ -92,6 +94,58 @@ def _first_check_starts(cancel: threading.Event, started: threading.Event) -> Ca
     return check
 
 
+def cold_load_cancel(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Cancel this process's first :func:`~napari_sigmma.io.load_any` while the readers'
+    first-time imports run (meant for a fresh process: see :func:`time_cold_load`)."""
+    import sys
+
+    from napari_sigmma.io import load_any, preload
+
+    fresh = "spatialdata" not in sys.modules
+
+    def task(cancel: threading.Event, started: threading.Event) -> Any:
+        def check() -> bool:
+            if preload._thread is not None:  # the imports are under way: cancel now
+                started.set()
+            return cancel.is_set()
+
+        return load_any(path, cancel=check)
+
+    r = time_cancel(task)
+    r.pop("result", None)
+    r["fresh_process"] = fresh
+    r["imports_done_when_task_ended"] = preload._done.is_set()
+    t0 = time.perf_counter()
+    preload._done.wait(300)
+    r["imports_went_on_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sdata = load_any(path)
+    r["next_load_s"] = time.perf_counter() - t0
+    r["next_load_tables"] = sorted(sdata.tables)
+    return r
+
+
+def time_cold_load(path: str | os.PathLike[str], *, timeout: float = 600.0) -> dict[str, Any]:
+    """:func:`cold_load_cancel` in a fresh Python process (so the imports are first-time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys; from napari_sigmma.analysis.cancelbench import cold_load_cancel; "
+        "print(json.dumps(cold_load_cancel(sys.argv[1])))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"the cold-load cancel child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def _tiny_train_config(sample: Path, run_dir: Path, cache: Path) -> Any:
     from napari_sigmma.train.config import TrainConfig
 
@@ -159,6 +213,12 @@ def measure_cancel_analysis(
     n_tiles = len(engine.grid)
 
     out["load data"] = time_cancel(lambda c, s: load_any(sample, cancel=_first_check_starts(c, s)))
+    cold = time_cold_load(sample)
+    cold["result"] = (
+        f"imports went on {cold['imports_went_on_s']:.1f} s in their own thread; "
+        f"next load {cold['next_load_s']:.1f} s"
+    )
+    out["load data, fresh process"] = cold
     out["load model"] = time_cancel(
         lambda c, s: load_live_run(ckpt, cancel=_first_check_starts(c, s))
     )

@@ -55,16 +55,22 @@ def load_any(path: str | os.PathLike[str], *, cancel: CancelLike = None) -> Spat
     - a folder with ``wsis/`` and ``transcripts/`` → :func:`napari_sigmma.io.hest.read_hest`
     - a slide file → :func:`napari_sigmma.io.wsi.read_slide_sdata`
 
-    ``cancel`` (an Event or callable) is checked before and after the read, which is one
-    reader call (spatialdata-io's, or lazy dask arrays): a cancelled load raises
-    :class:`~napari_sigmma.errors.Cancelled` once that call returns.
+    ``cancel`` (an Event or callable) is checked while the readers' first-time imports run
+    (:mod:`napari_sigmma.io.preload`: in their own thread) and before and after the read,
+    which is one reader call (spatialdata-io's, or lazy dask arrays): a cancelled load
+    raises :class:`~napari_sigmma.errors.Cancelled` once that call returns.
 
     Raises
     ------
     SigmmaError
         When the path does not exist or is none of these (or its reader rejects it).
     """
+    from napari_sigmma.io.preload import wait_for_readers
+
     check_cancel(cancel)
+    # a fresh process's first load spends seconds in imports, which cannot be interrupted:
+    # they run in their own thread and this one only waits for them, checking cancel
+    wait_for_readers(cancel)
     sdata = _read_any(path)
     check_cancel(cancel)
     return sdata
