@@ -23,7 +23,9 @@ def test_retrieval_scale_small() -> None:
 
 def test_run_scale_bench_small(tmp_path: Path) -> None:
     # the viewer walk runs in a child process with a shown napari viewer (Xvfb here)
-    res = run_scale_bench(tmp_path, n_embeddings=5_000, slide_px=3000, n_regions=40, n_events=6)
+    res = run_scale_bench(
+        tmp_path, n_embeddings=5_000, slide_px=3000, n_regions=40, n_events=6, embed_tiles=()
+    )
     saved = json.loads((tmp_path / "scale_bench.json").read_text())
     assert saved == res
     m = res["slide_memory"]

@@ -161,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --scale: camera events of the viewer walk (default 1000; 0 skips it)",
     )
+    b.add_argument(
+        "--embed-data",
+        type=Path,
+        default=None,
+        help="with --scale: paired data to stream-embed (default: a synthetic 8,704 px bundle)",
+    )
+    b.add_argument(
+        "--embed-tiles",
+        type=int,
+        nargs="*",
+        default=None,
+        help="with --scale: tile counts of the embed figure (default 200 800, or 1000 4000 "
+        "with --embed-data; none: skip)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     d = sub.add_parser("demo", help="open napari on the embedded sample with the plugin")

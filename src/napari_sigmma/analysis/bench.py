@@ -238,7 +238,14 @@ def run_bench_cli(args: argparse.Namespace) -> int:
 
         slide = getattr(args, "slide", None)
         events = getattr(args, "events", None)
-        run_scale_bench(out, slide=slide, n_events=1000 if events is None else int(events))
+        tiles = getattr(args, "embed_tiles", None)
+        run_scale_bench(
+            out,
+            slide=slide,
+            n_events=1000 if events is None else int(events),
+            embed_data=getattr(args, "embed_data", None),
+            embed_tiles=None if tiles is None else tuple(tiles),
+        )
         print(f"wrote {out / 'scale_bench.json'}")
         return 0
     if getattr(args, "cancel", False):

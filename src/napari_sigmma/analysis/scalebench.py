@@ -26,6 +26,12 @@ Two measurements:
   per event until drawn and the pyramid levels shown
   (:mod:`napari_sigmma.viewer.scalebench`; run by :func:`view_memory`).
 
+- **Embedding a big slide**: a fresh process stream-embeds N and then 4N tiles of a paired
+  data set with the demo model into a ``.zarr``
+  (:func:`~napari_sigmma.analysis.embedzarr.embed_slide_streaming`), sampling its RSS
+  while it embeds; the RSS growth of the two runs, their ratio, and what the embeddings
+  alone would hold in memory (:func:`embed_memory`).
+
 ``run_scale_bench(out)`` prints the figures, writes ``<out>/scale_bench.json`` and returns
 the dict; ``napari-sigmma bench --scale [--slide PATH] [--events N]`` runs it
 (``analysis.bench`` owns the command).
@@ -415,6 +421,158 @@ def slide_memory(
     return info
 
 
+def _sample_rss(stop: Any, out: list[float], every: float = 0.05) -> None:
+    """Record this process's RSS (MB) every ``every`` s until ``stop`` is set."""
+    while not stop.wait(every):
+        out.append(_rss_mb())
+
+
+def stream_embed_figures(data: str, checkpoint: str, n_tiles: int, out: str) -> dict[str, Any]:
+    """Stream-embed the ``n_tiles`` tiles nearest the cells' centre of ``data`` into ``out``
+    and report this process's memory (meant to run in a fresh process).
+
+    RSS is sampled every 50 ms while embedding, so the figure is the embed's own and not
+    the load's (``VmHWM`` would also hold the peak of reading the bundle). Two phases: the
+    set-up (layout, the store's skeleton — ids and geometry of the tiles and cells — and
+    the slide's node features, up to the first batch written) and the batch loop, whose
+    growth is what streaming bounds.
+    """
+    import threading
+
+    from napari_sigmma.analysis.embedzarr import embed_slide_streaming
+    from napari_sigmma.io import load_any
+    from napari_sigmma.tiles.grid import make_tile_grid
+    from napari_sigmma.tiles.paired import PairedSlide
+    from napari_sigmma.train.config import TrainConfig
+    from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(checkpoint)
+    cfg = TrainConfig.from_dict(dict(ckpt["config"]), path=Path(checkpoint))
+    model, featurizer = model_from_checkpoint(ckpt, path=Path(checkpoint))
+    model.to("cpu").eval()
+    paired = PairedSlide.from_sdata(load_any(data), name=Path(data).name)
+    grid = make_tile_grid(
+        paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
+    )
+    b = grid.bounds
+    centre = np.median(paired.cells_px, axis=0) if paired.n_cells else b[:, :2].mean(axis=0)
+    dist = np.hypot((b[:, 0] + b[:, 2]) / 2 - centre[0], (b[:, 1] + b[:, 3]) / 2 - centre[1])
+    idx = np.sort(np.argsort(dist, kind="stable")[: min(int(n_tiles), len(grid))])
+    load_s = time.perf_counter() - t0
+    rss_before = _rss_mb()
+    samples: list[float] = []
+    first_batch: list[int] = []  # len(samples) when the first batch was written
+
+    def progress(done: int, total: int) -> None:
+        if not first_batch:
+            first_batch.append(len(samples))
+            samples.append(_rss_mb())
+
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample_rss, args=(stop, samples), daemon=True)
+    sampler.start()
+    t1 = time.perf_counter()
+    try:
+        res = embed_slide_streaming(
+            model, paired, grid, out, featurizer=featurizer if paired.n_cells else None,
+            settings=graph_settings(cfg), indices=idx, batch_size=8, device="cpu",
+            overwrite=True, progress=progress,
+        )  # fmt: skip
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.perf_counter() - t1
+    samples.append(_rss_mb())
+    k = first_batch[0] if first_batch else 0
+    setup_peak = max(samples[: k + 1])
+    loop_peak = max(samples[k:])
+    store_mb = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file()) / 2**20
+    return {
+        "n_tiles": res.n_tiles,
+        "grid_tiles": len(grid),
+        "slide_cells": paired.n_cells,
+        "cells_embedded": res.n_cells,
+        "tiles_with_st": res.n_valid,
+        "embed_dim": int(getattr(model.cfg, "embed_dim", 0)),
+        "load_seconds": round(load_s, 1),
+        "embed_seconds": round(seconds, 1),
+        "tiles_per_s": round(res.n_tiles / max(seconds, 1e-9), 2),
+        "rss_before_embed_mb": round(rss_before, 1),
+        "peak_rss_embed_mb": round(max(samples), 1),
+        "embed_growth_mb": round(max(samples) - rss_before, 1),
+        "setup_growth_mb": round(setup_peak - rss_before, 1),
+        "rss_first_batch_mb": round(samples[k], 1),
+        "loop_growth_mb": round(loop_peak - samples[k], 1),
+        "store_mb": round(store_mb, 1),
+    }
+
+
+def embed_memory(
+    data: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str],
+    workdir: str | os.PathLike[str],
+    n_tiles: tuple[int, ...] = (1000, 4000),
+) -> dict[str, Any]:
+    """:func:`stream_embed_figures` for each of ``n_tiles``, each in a fresh process.
+
+    If streaming holds nothing per tile, the batch loop's RSS growth is the same for N and
+    4N tiles; the in-memory path would add ``n_tiles × 6 × D`` float32 for the tiles plus
+    ``3 × D`` per cell (reported beside it). The set-up's growth (ids and geometry of the
+    tables, written once before the first batch) is reported apart.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import json, sys; from napari_sigmma.analysis.scalebench import stream_embed_figures; "
+        "print(json.dumps(stream_embed_figures(sys.argv[1], sys.argv[2], int(sys.argv[3]), "
+        "sys.argv[4])))"
+    )
+    runs = []
+    for n in n_tiles:
+        res = subprocess.run(
+            [sys.executable, "-c", code, str(data), str(checkpoint), str(int(n)),
+             str(workdir / f"embed_{int(n)}.zarr")],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"the embed benchmark failed:\n{res.stderr[-3000:]}")
+        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    first, last = runs[0], runs[-1]
+    dim = first["embed_dim"]
+    held = {
+        r["n_tiles"]: round((r["n_tiles"] * 6 + r["cells_embedded"] * 3) * dim * 4 / 2**20, 1)
+        for r in runs
+    }
+    return {
+        "data": str(data),
+        "runs": runs,
+        "tiles_ratio": round(last["n_tiles"] / max(first["n_tiles"], 1), 2),
+        "loop_growth_mb": [r["loop_growth_mb"] for r in runs],
+        "setup_growth_mb": [r["setup_growth_mb"] for r in runs],
+        "in_memory_would_hold_mb": held,
+    }
+
+
+def format_embed(e: dict[str, Any]) -> str:
+    """The figures of :func:`embed_memory` as text."""
+    lines = [f"streaming embed of {e['data']}:"]
+    for r in e["runs"]:
+        lines.append(
+            f"  {r['n_tiles']:,} of {r['grid_tiles']:,} tiles ({r['cells_embedded']:,} cells, "
+            f"{r['tiles_per_s']} tiles/s): RSS {r['rss_before_embed_mb']} MB before; set-up "
+            f"(layout, ids and geometry, node features) +{r['setup_growth_mb']} MB; batch loop "
+            f"+{r['loop_growth_mb']} MB; store {r['store_mb']} MB; held in memory the "
+            f"embeddings would be {e['in_memory_would_hold_mb'][r['n_tiles']]} MB"
+        )
+    lines.append(
+        f"  batch-loop growth for {e['tiles_ratio']}x the tiles: "
+        + " → ".join(f"{g} MB" for g in e["loop_growth_mb"])
+        + " (flat: no embedding is held)"
+    )
+    return "\n".join(lines)
+
+
 def big_slide_path(workdir: str | os.PathLike[str], slide_px: int) -> Path:
     """Where :func:`slide_memory` writes (and reuses) the big slide in ``workdir``."""
     return Path(workdir) / f"big_{slide_px}.ome.tif"
@@ -476,6 +634,8 @@ def run_scale_bench(
     slide: str | os.PathLike[str] | None = None,
     n_events: int = 1000,
     seed: int = 0,
+    embed_data: str | os.PathLike[str] | None = None,
+    embed_tiles: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """The scale figures; prints them and writes ``<out>/scale_bench.json``.
 
@@ -495,6 +655,12 @@ def run_scale_bench(
         Camera events of the viewer figure (0: skip it).
     seed
         Seed of the camera walk.
+    embed_data
+        A paired data set (Xenium bundle, …) to stream-embed with the demo model
+        (default: a synthetic 8,704 px bundle written to ``<out>/scale_embed/``).
+    embed_tiles
+        Tile counts of the embed figure (default ``(200, 800)`` on the default bundle,
+        ``(1000, 4000)`` on a given one; empty: skip it).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -515,6 +681,20 @@ def run_scale_bench(
         v = view_memory(m["slide"], n_events, seed=seed)
         result["slide_view"] = v
         print(format_view(v))
+    if embed_tiles is None:
+        embed_tiles = (200, 800) if embed_data is None else (1000, 4000)
+    if embed_tiles:
+        from napari_sigmma.analysis.demo_model import demo_model
+
+        if embed_data is None:
+            from napari_sigmma.io.synthetic import write_synthetic_sample
+
+            embed_data = out / "scale_embed" / "synthetic_8704"
+            if not (Path(embed_data) / "experiment.xenium").is_file():
+                write_synthetic_sample(embed_data, size=8704, seed=0)
+        e = embed_memory(embed_data, demo_model(), out / "scale_embed", tuple(embed_tiles))
+        result["embed_memory"] = e
+        print(format_embed(e))
     (out / "scale_bench.json").write_text(json.dumps(result, indent=2))
     return result
 
