@@ -76,6 +76,20 @@ def bare_forward_tiles_per_s(engine: Any, indices: list[int], *, repeats: int = 
     return {"tiles": n, "seconds": dt, "tiles_per_s": n / dt}
 
 
+def engine_alone_tiles_per_s(engine: Any, indices: list[int]) -> dict:
+    """Tiles/s of the live engine with no viewer: ``engine.encode`` (prefetch thread, tile
+    reads, cell graphs, both encoders, attention, gene head, caches) consumed in this
+    thread, caches emptied first — the pipeline's cost without any drawing."""
+    engine.memory.clear()
+    if getattr(engine, "disk", None) is not None:
+        engine.disk.clear()
+    ids = [engine.grid.tile_ids[int(i)] for i in indices]
+    t0 = time.perf_counter()
+    n = sum(len(batch) for batch in engine.encode(ids))
+    dt = time.perf_counter() - t0
+    return {"tiles": n, "seconds": dt, "tiles_per_s": n / dt}
+
+
 def _ensure_display(screen: str = "1400x1000x24") -> Any:
     """Start an Xvfb server when there is no display (Linux, headless); returns it."""
     if sys.platform != "linux" or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
@@ -151,6 +165,7 @@ def run_bench(
             live = measure_live(engine, sdata, str(sample), run.gene_head, view_tiles=view_tiles)
             engine.memory.clear()
             bare = bare_forward_tiles_per_s(engine, live["indices"])
+            alone = engine_alone_tiles_per_s(engine, live["indices"])
     finally:
         if xvfb is not None:
             xvfb.terminate()
@@ -165,6 +180,10 @@ def run_bench(
         "pipeline_tiles_per_s": live["pipeline_tiles_per_s"],
         "bare_encoder_tiles_per_s": bare["tiles_per_s"],
         "ratio": ratio,
+        "engine_alone_tiles_per_s": alone["tiles_per_s"],
+        "engine_alone_ratio": alone["tiles_per_s"] / bare["tiles_per_s"],
+        "browse_stall_napari_alone": live["browse_stall_napari_alone"],
+        "browse_stall_cached_overlays": live["browse_stall_cached_overlays"],
         "stall_max_ms": live["stall_max_ms"],
         "stall_p99_ms": live["stall_p99_ms"],
         "probe_interval_ms": live["probe_interval_ms"],
@@ -206,6 +225,7 @@ def format_report(r: dict) -> str:
         return "meets target" if flag else "misses target"
 
     t = r["targets"]
+    na, co = r["browse_stall_napari_alone"], r["browse_stall_cached_overlays"]
     lines = [
         f"SIGMMA live viewer bench — {r['backbone']} on {r['device']}, {r['tiles']} tiles, "
         f"batch {r['batch_size']}",
@@ -219,6 +239,11 @@ def format_report(r: dict) -> str:
         f"of {len(r['revisit_ms_all'])}; target ≤ {t['revisit_ms']:.0f} ms: "
         f"{ok(r['revisit_ms'] <= t['revisit_ms'])})",
         f"(4) peak RSS: {r['peak_rss_mb']:.0f} MB",
+        f"    the same pipeline with no viewer (nothing drawn): "
+        f"{r['engine_alone_tiles_per_s']:.2f} tiles/s → ratio {r['engine_alone_ratio']:.2f}",
+        f"    stall while browsing (zoom in/out, no encoding): napari alone with the H&E "
+        f"{na['max_ms']:.1f} ms max, p99 {na['p99_ms']:.1f}; with the plugin's cached overlays "
+        f"{co['max_ms']:.1f} ms max, p99 {co['p99_ms']:.1f}",
         f"    where the stall comes from: longest plugin step on the GUI thread "
         f"{r['plugin_handler_max_ms']:.1f} ms; canvas paint max {r['paint_max_ms']:.1f} ms, "
         f"median {r['paint_median_ms']:.1f} ms over {r['paints']} paints; an idle repaint "

@@ -94,6 +94,30 @@ def _idle_repaints(viewer: Any, n: int) -> list[float]:
     return out
 
 
+def _zoom_stall(viewer: Any, cam: Any, zoom: float, n: int, probe_ms: int) -> dict[str, float]:
+    """Event-loop stall while the camera zooms in and out ``n`` times around ``zoom``.
+
+    Zooming in from ``zoom`` only shows part of what was visible, so with the plugin the
+    overlays drawn are all cached (no encoding): the gaps are what browsing costs — napari
+    slicing and painting, and the plugin's drawing of cached tiles.
+    """
+    from qtpy.QtCore import QTimer
+
+    stamps: list[float] = []
+    probe = QTimer()
+    probe.setInterval(int(probe_ms))
+    probe.timeout.connect(lambda: stamps.append(time.perf_counter()))
+    probe.start()
+    _settle(0.2)
+    stamps.clear()
+    for k in range(n):
+        cam.zoom = zoom * (1.35 if k % 2 == 0 else 1.0)
+        _settle(0.25)
+    probe.stop()
+    gaps = np.diff(np.asarray(stamps)) * 1000 if len(stamps) > 1 else np.zeros(1)
+    return {"max_ms": float(gaps.max()), "p99_ms": float(np.percentile(gaps, 99)), "moves": n}
+
+
 class _PaintTimer:
     """Times every vispy draw of the viewer's canvas (first to last draw handler)."""
 
@@ -163,6 +187,11 @@ def measure_live(
         cy = (grid.origin[1] + (np.median(grid.rows) + 0.5) * grid.tile_size) * mpp
         cx = (grid.origin[0] + (np.median(grid.cols) + 0.5) * grid.tile_size) * mpp
         zoom = max(viewer.canvas.size) / (view_tiles * s)
+        # the floor: the same view browsed in napari with the H&E alone (no plugin)
+        cam.center = (cy, cx)
+        cam.zoom = zoom
+        _settle(0.5)
+        napari_alone = _zoom_stall(viewer, cam, zoom, 2 * revisits, probe_ms)
         # warm-up: one far tile through the same controller, so the layers exist and their
         # shaders are compiled (a one-off cost of the first draw, seconds with software GL)
         far = int(np.argmax(np.hypot(grid.rows - np.median(grid.rows),
@@ -231,6 +260,11 @@ def measure_live(
             if ctl.overlays.shown_tiles() != want:
                 raise RuntimeError("a revisit did not show the cached region at once")
             _settle(0.2)
+        # browsing the encoded view with the plugin: every overlay drawn comes from the cache
+        cam.center = (cy, cx)
+        cam.zoom = zoom
+        _settle(0.5)
+        with_overlays = _zoom_stall(viewer, cam, zoom, 2 * revisits, probe_ms)
         # what one frame costs to paint here, with nothing else to do (the floor of any
         # stall measured above: with software OpenGL it is most of it)
         idle = _idle_repaints(viewer, revisits)
@@ -261,5 +295,7 @@ def measure_live(
         "prepare_seconds": prep_s,
         "forward_seconds": fwd_s,
         "gaps_top_ms": sorted((float(g) for g in gaps), reverse=True)[:10],
+        "browse_stall_napari_alone": napari_alone,
+        "browse_stall_cached_overlays": with_overlays,
         "gaps_explained": longest,
     }

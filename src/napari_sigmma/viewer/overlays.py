@@ -12,7 +12,7 @@ named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
 - ``SIGMMA cells micro|meso|macro`` (Points): graph node clusters, one point per cell;
 - ``SIGMMA edges micro|meso|macro`` (Vectors): G_micro's proximity edges and the edges the
   meso / macro edge-addition layers added, opacity from the edge probability; thinned to
-  the most probable ``max_edges`` and hidden by default above ``edge_visible_limit``;
+  the most probable ``max_edges``; hidden by default (see below);
 - ``SIGMMA attention`` (Image ``(heads, y, x)``, a *head* slider): CLS→patch attention of
   the last ViT block over each tile, each head rescaled to [0, 1] within its tile;
 - ``SIGMMA gene <GENE> predicted`` / ``measured`` (Image): the ridge gene head's prediction
@@ -21,7 +21,12 @@ named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
   two maps are seen side by side.
 
 Only the tiles handed to :meth:`LiveOverlays.show` (the visible ones) are drawn; updates
-write into the existing layers' data (no remove/re-add), so nothing flickers.
+write into the existing layers' data (no remove/re-add), so nothing flickers. At first only
+the micro cluster map is visible: the cell and edge layers are one click away, and hidden
+layers are brought up to date only when shown. Every visible points or vectors layer costs
+each frame its paint and each batch its update (10–25 ms apiece with software OpenGL:
+``napari-sigmma bench`` measured the stall during inference at 166 ms with the micro cells
+and meso edges shown by default, 73 ms without them).
 """
 
 from __future__ import annotations
@@ -179,8 +184,6 @@ class LiveOverlays:
         Goes into every layer's ``metadata`` (``run``, ``checkpoint_hash``, ``slide``, …).
     max_edges
         Most edges drawn per scale (the most probable are kept).
-    edge_visible_limit
-        Edge layers holding more edges than this start hidden.
     point_size_um
         Cell point diameter.
     """
@@ -194,7 +197,6 @@ class LiveOverlays:
         *,
         provenance: dict[str, str] | None = None,
         max_edges: int = 30000,
-        edge_visible_limit: int = 8000,
         point_size_um: float = 6.0,
     ) -> None:
         self.viewer = viewer
@@ -203,7 +205,6 @@ class LiveOverlays:
         self.paired = paired
         self.provenance = dict(provenance or {})
         self.max_edges = int(max_edges)
-        self.edge_visible_limit = int(edge_visible_limit)
         self.point_size_um = float(point_size_um)
         self.tiles: dict[str, TileResult] = {}
         self.clusters: ClusterSet | None = None
@@ -214,10 +215,8 @@ class LiveOverlays:
         self._updating = False
         self._pending: list[tuple] = []
         self.messages: list[str] = []
-        self._edge_forced: dict[str, bool] = {}
         self._dirty: set[str] = set()
         self._pools: dict[str, _SlotPool] = {}
-        self._setting_visible = False
         # deferred drawing (set by the live controller): layer updates are queued by name
         # and applied a few milliseconds at a time (:meth:`drain`), so the GUI thread is
         # never held for a whole batch; ``on_pending`` is called when the queue fills
@@ -294,20 +293,10 @@ class LiveOverlays:
         layer.events.visible.connect(lambda e, ly=layer: self._on_visible(ly))
 
     def _on_visible(self, layer: Any) -> None:
-        if self._setting_visible or not layer.visible:
+        if not layer.visible:
             return
-        name = layer.name
-        if name.startswith(layer_name("edges")):
-            self._edge_forced[layer.metadata.get("scale", "")] = True
-        if name in self._dirty:
-            self._apply(name)
-
-    def _set_visible(self, layer: Any, visible: bool) -> None:
-        self._setting_visible = True
-        try:
-            layer.visible = visible
-        finally:
-            self._setting_visible = False
+        if layer.name in self._dirty:
+            self._apply(layer.name)
 
     def _touch(self, names: Iterable[str]) -> None:
         """Update the visible layers among ``names`` (now, or queued when ``deferred``);
@@ -419,7 +408,7 @@ class LiveOverlays:
                 border_width=0,
                 face_color="white",
                 opacity=0.9,
-                visible=(s == "micro"),
+                visible=False,
                 metadata=self._meta("cell_clusters", "table", scale=s),
                 **self.frame.px_kwargs(),
             )
@@ -433,7 +422,7 @@ class LiveOverlays:
                 vector_style="line",
                 edge_color=_hex(EDGE_RGB[s]),
                 opacity=0.85,
-                visible=(s == "meso"),
+                visible=False,
                 metadata=self._meta("edges", "table", scale=s),
                 **self.frame.px_kwargs(),
             )
@@ -684,15 +673,6 @@ class LiveOverlays:
         per_tile = max(16, self.max_edges // max(len(want), 1))
         n = sum(min(len(r.edges[s][1]), per_tile) for r in want.values())
         layer.metadata.update({"n_edges": total, "n_drawn": n})
-        if n > self.edge_visible_limit and not self._edge_forced.get(s, False):
-            if layer.visible:
-                self._set_visible(layer, False)
-                self._note(
-                    f"{layer.name}: {n} edges, hidden to keep panning smooth "
-                    "(tick its eye to show them)"
-                )
-            self._dirty.add(layer.name)
-            return
         if not layer.visible:
             self._dirty.add(layer.name)
             return
