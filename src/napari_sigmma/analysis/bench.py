@@ -183,6 +183,9 @@ def run_bench(
         "engine_alone_tiles_per_s": alone["tiles_per_s"],
         "engine_alone_ratio": alone["tiles_per_s"] / bare["tiles_per_s"],
         "browse_stall_napari_alone": live["browse_stall_napari_alone"],
+        "pipeline_cpu_seconds_by_thread": live["cpu_seconds_by_thread"],
+        "pipeline_cluster_fit_s": live["cluster_fit_seconds"],
+        "pipeline_cluster_fits": live["cluster_fits"],
         "browse_stall_cached_overlays": live["browse_stall_cached_overlays"],
         "stall_max_ms": live["stall_max_ms"],
         "stall_p99_ms": live["stall_p99_ms"],
@@ -250,7 +253,13 @@ def format_report(r: dict) -> str:
         f"{r['idle_repaint_ms']:.1f} ms with the overlays, {r['idle_repaint_he_only_ms']:.1f} ms "
         f"with the H&E alone; load average {r['load_average'] or 0:.1f}",
         f"    pipeline worker: reading + graphs {r['pipeline_prepare_s']:.2f} s, model "
-        f"{r['pipeline_forward_s']:.2f} s",
+        f"{r['pipeline_forward_s']:.2f} s, {r['pipeline_cluster_fits']} cluster fits "
+        f"{r['pipeline_cluster_fit_s']:.2f} s",
+        "    CPU seconds by thread while the pipeline ran "
+        f"({r['tiles'] / r['pipeline_tiles_per_s']:.2f} s wall, {r['machine']['cpus']} CPUs): "
+        + ", ".join(
+            f"{k} {v:.2f}" for k, v in list(r["pipeline_cpu_seconds_by_thread"].items())[:6]
+        ),
     ]
     return "\n".join(lines)
 

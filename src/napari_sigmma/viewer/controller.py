@@ -207,6 +207,8 @@ class LiveController(QObject):
         self.last_update_ms = 0.0
         # (what, ms) of every main-thread update, for the benchmark and diagnostics
         self.handler_ms: list[tuple[str, float]] = []
+        self.fit_seconds = 0.0  # cluster fits in the workers (between their batches)
+        self.fits = 0
         self.spans: list[tuple[str, float, float]] = []  # (what, start, end), perf_counter
         self._worker: Any = None
         self._cancel: threading.Event | None = None
@@ -456,6 +458,7 @@ class LiveController(QObject):
                 return None
         if cancel.is_set() or n == 0:
             return None
+        t0 = time.perf_counter()
         results = self.engine.memory_results()
         results = _cap_cells(results, self.cluster_cells_cap)
         try:
@@ -464,6 +467,9 @@ class LiveController(QObject):
             )
         except Cancelled:
             return None
+        finally:
+            self.fit_seconds += time.perf_counter() - t0
+            self.fits += 1
 
     def _on_batch(self, item: tuple[list[TileResult], ClusterSet | None]) -> None:
         """A worker's batch reached the main thread: draw it now, or with the next ones

@@ -94,6 +94,42 @@ def _idle_repaints(viewer: Any, n: int) -> list[float]:
     return out
 
 
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by this process's threads, summed by thread name (Linux;
+    empty elsewhere): e.g. the GUI thread, the worker, torch's OpenMP threads, llvmpipe's
+    rasterisers."""
+    import os
+
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    main = os.getpid()
+    try:
+        tids = os.listdir(f"/proc/{main}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{main}/task/{tid}/comm") as fh:
+                name = fh.read().strip()
+            with open(f"/proc/{main}/task/{tid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        if int(tid) == main:
+            name = "GUI (main) thread"
+        elif name.startswith("llvmpipe"):
+            name = "llvmpipe (software GL)"
+        cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
+def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    keys = set(before) | set(after)
+    d = {k: round(after.get(k, 0.0) - before.get(k, 0.0), 2) for k in keys}
+    return dict(sorted(((k, v) for k, v in d.items() if v > 0), key=lambda kv: -kv[1]))
+
+
 def _zoom_stall(viewer: Any, cam: Any, zoom: float, n: int, probe_ms: int) -> dict[str, float]:
     """Event-loop stall while the camera zooms in and out ``n`` times around ``zoom``.
 
@@ -209,6 +245,7 @@ def measure_live(
         _settle(0.5)
         n_before = engine.stats.encoded_tiles
         prep0, fwd0 = engine.stats.prepare_seconds, engine.stats.forward_seconds
+        fit0, fits0 = ctl.fit_seconds, ctl.fits
         ctl.handler_ms.clear()  # the warm-up's first draw compiles shaders: not measured
         ctl.overlays.apply_ms.clear()
         paints = _PaintTimer(viewer)
@@ -220,6 +257,7 @@ def measure_live(
         probe.start()
         _settle(0.2)
         stamps.clear()
+        cpu0 = _thread_cpu()
         t0 = time.perf_counter()
         cam.center = (cy, cx)
         cam.zoom = zoom
@@ -233,6 +271,8 @@ def measure_live(
         )
         QApplication.processEvents()  # the last batch painted
         t1 = time.perf_counter()
+        cpu_pipeline = _cpu_delta(cpu0, _thread_cpu())
+        fit_s, n_fits = ctl.fit_seconds - fit0, ctl.fits - fits0
         probe.stop()
         if not done:
             raise RuntimeError(f"the live pipeline did not finish within {timeout_s:.0f} s")
@@ -296,6 +336,9 @@ def measure_live(
         "forward_seconds": fwd_s,
         "gaps_top_ms": sorted((float(g) for g in gaps), reverse=True)[:10],
         "browse_stall_napari_alone": napari_alone,
+        "cpu_seconds_by_thread": cpu_pipeline,
+        "cluster_fit_seconds": fit_s,
+        "cluster_fits": n_fits,
         "browse_stall_cached_overlays": with_overlays,
         "gaps_explained": longest,
     }
