@@ -19,6 +19,7 @@ def test_live_bench_runs_and_reports_every_figure(sigmma_cache: Path, tmp_path: 
     assert r["tiles"] > 0 and r["pipeline_tiles_per_s"] > 0 and r["bare_encoder_tiles_per_s"] > 0
     assert r["ratio"] == pytest.approx(r["pipeline_tiles_per_s"] / r["bare_encoder_tiles_per_s"])
     assert r["engine_alone_tiles_per_s"] > 0 and r["engine_alone_ratio"] > 0
+    assert r["prepare_serial_s"] > 0 and r["bare_encoder_seconds"] > 0
     assert r["stall_max_ms"] >= r["stall_p99_ms"] > 0 and r["revisit_ms"] > 0
     for key in ("browse_stall_napari_alone", "browse_stall_cached_overlays"):
         b = r[key]

@@ -23,3 +23,17 @@ def atomic_savez(
     (np.savez_compressed if compressed else np.savez)(tmp, **arrays)
     os.replace(tmp, path)
     return path
+
+
+def atomic_save_npy(path: str | os.PathLike[str], arr: np.ndarray) -> Path:
+    """``np.save`` ``arr`` to ``path`` atomically (fsynced before the rename: a cache file
+    read after a crash is whole)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path

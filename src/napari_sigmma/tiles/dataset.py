@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.files import atomic_save_npy
 
 if TYPE_CHECKING:
     import torch
@@ -196,18 +197,6 @@ class SlideTiles:
             tile_index=torch.tensor([i if index is None else index], dtype=torch.long),
             num_nodes=int(c.cells.size),
         )
-
-
-def atomic_save_npy(path: str | os.PathLike[str], arr: np.ndarray) -> None:
-    """``np.save`` to a temp file in the same folder, then rename (never a half file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(arr), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_slide(

@@ -690,7 +690,7 @@ def cached_crop_features(
     import torch
 
     from napari_sigmma.device import autocast
-    from napari_sigmma.tiles.dataset import atomic_save_npy
+    from napari_sigmma.files import atomic_save_npy
     from napari_sigmma.tiles.grid import read_tile
 
     folder = cache_dir / f"{slide.paired.content_hash()}-{slide.grid_key()}"
