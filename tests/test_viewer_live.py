@@ -321,3 +321,44 @@ def test_visible_tiles_follow_the_camera(make_napari_viewer, live) -> None:
     assert y0 > g.origin[1] + 3 * s and y1 < g.origin[1] + 4 * s
     ids = visible_tiles(g, (x0, y0, x1, y1))
     assert ids in ([], ["r3_c2"])
+
+
+def test_refits_run_beside_the_encoder_and_cover_every_tile(
+    make_napari_viewer, qtbot, live
+) -> None:
+    """Clusters are refitted while tiles are encoded (in a helper thread of the worker),
+    and after the last batch the clusters cover every encoded tile; the cluster map then
+    labels every shown tile with a cluster of the final fit."""
+    from napari_sigmma.viewer.controller import LiveController
+
+    viewer, layer = _viewer_with_he(make_napari_viewer, live)
+    engine = _engine(live, batch_size=2)
+    g = live["grid"]
+    r, c = live["quad"]
+    _look_at(viewer, live, c + 1.0, r + 1.0, 4.0)
+    fit_threads: list[str] = []
+    ctl = LiveController(
+        viewer, layer, engine, k=3, debounce_ms=50, refit_growth=1.2, refit_min_new=2
+    )
+    fit = ctl._maybe_fit
+
+    def recording_fit(cancel, **kw):  # the real fit, noting the thread it ran in
+        out = fit(cancel, **kw)
+        if out is not None:
+            fit_threads.append(threading.current_thread().name)
+        return out
+
+    ctl._maybe_fit = recording_fit
+    n_visible = len(ctl.visible)
+    assert n_visible >= 8
+    _wait_idle(qtbot, ctl)
+    assert len(engine.memory) >= n_visible
+    assert ctl.clusters is not None and ctl.clusters.n_tiles == len(engine.memory)
+    assert len(fit_threads) >= 3 and "sigmma-refit" in fit_threads
+    labels = np.asarray(viewer.layers["SIGMMA clusters macro"].data)
+    for t in ctl.overlays.shown_tiles():
+        i = g.tile_ids.index(t)
+        assert labels[g.rows[i], g.cols[i]] > 0, t  # macro: one label per tile
+    left = [t.name for t in threading.enumerate() if t.name == "sigmma-refit"]
+    assert not left
+    ctl.close()

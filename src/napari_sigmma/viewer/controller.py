@@ -207,8 +207,10 @@ class LiveController(QObject):
         self.last_update_ms = 0.0
         # (what, ms) of every main-thread update, for the benchmark and diagnostics
         self.handler_ms: list[tuple[str, float]] = []
-        self.fit_seconds = 0.0  # cluster fits in the workers (between their batches)
+        self.fit_seconds = 0.0  # cluster fits in the workers and their refit helpers
         self.fits = 0
+        self._newest_fit: ClusterSet | None = None  # also fits not drawn yet
+        self._fit_lock = threading.Lock()
         self.spans: list[tuple[str, float, float]] = []  # (what, start, end), perf_counter
         self._worker: Any = None
         self._cancel: threading.Event | None = None
@@ -422,16 +424,39 @@ class LiveController(QObject):
     def _work(
         self, ids: list[str], cancel: threading.Event, done: threading.Event, encode_new: bool
     ):
-        """Runs in a worker thread: yields ``(results, clusters_or_None)`` per batch."""
+        """Runs in a worker thread: yields ``(results, clusters_or_None)`` per batch.
+
+        The first clusters are fitted here, so the first batch is drawn coloured; later
+        refits run in a helper thread while this one keeps encoding, and their clusters go
+        out with the next batch (or, after the last one, with an empty batch).
+        """
         engine = self.engine
         stream = engine.encode(ids, cancel) if encode_new else self._cached_only(ids, cancel)
-        for batch in stream:
+        refit = _BackgroundFit(self._maybe_fit, cancel)
+        try:
+            for batch in stream:
+                if cancel.is_set():
+                    return
+                cs = refit.take()
+                if self.clusters is None and cs is None and not refit.running:
+                    cs = self._maybe_fit(cancel)
+                elif not refit.running:
+                    refit.start()  # a no-op fit returns None when nothing is due
+                with self._posted_lock:  # drawn in _on_yielded: busy until then
+                    self._posted += 1
+                yield batch, cs
+            refit.join()
+            cs = refit.take()
             if cancel.is_set():
                 return
-            cs = self._maybe_fit(cancel)
-            with self._posted_lock:  # drawn in _on_yielded: busy until then
-                self._posted += 1
-            yield batch, cs
+            last = self._maybe_fit(cancel, fitted=cs)  # the tiles of the last batches
+            cs = last if last is not None else cs
+            if cs is not None:
+                with self._posted_lock:
+                    self._posted += 1
+                yield [], cs
+        finally:
+            refit.join()  # no helper outlives the worker
 
     def _cached_only(self, ids: list[str], cancel: threading.Event):
         engine = self.engine
@@ -443,8 +468,11 @@ class LiveController(QObject):
             if got:
                 yield got
 
-    def _maybe_fit(self, cancel: threading.Event) -> ClusterSet | None:
-        """Fit clusters (worker thread) when none exist or enough new tiles arrived.
+    def _maybe_fit(
+        self, cancel: threading.Event, *, fitted: ClusterSet | None = None
+    ) -> ClusterSet | None:
+        """Fit clusters (worker thread) when none exist or enough new tiles arrived since
+        the newest fit (``fitted``, else the newest fit of any worker, else the drawn one).
 
         ``None`` when nothing needed fitting or ``cancel`` was set (checked between fits).
         """
@@ -452,7 +480,8 @@ class LiveController(QObject):
         from napari_sigmma.errors import Cancelled
 
         n = len(self.engine.memory)
-        cs = self.clusters
+        with self._fit_lock:
+            cs = fitted or self._newest_fit or self.clusters
         if cs is not None and cs.k == self.k:
             if n < cs.n_tiles * self.refit_growth or n - cs.n_tiles < self.refit_min_new:
                 return None
@@ -462,7 +491,7 @@ class LiveController(QObject):
         results = self.engine.memory_results()
         results = _cap_cells(results, self.cluster_cells_cap)
         try:
-            return fit_clusters(
+            out = fit_clusters(
                 results, self.k, method=self.cluster_method, previous=cs, cancel=cancel
             )
         except Cancelled:
@@ -470,6 +499,10 @@ class LiveController(QObject):
         finally:
             self.fit_seconds += time.perf_counter() - t0
             self.fits += 1
+        with self._fit_lock:
+            if self._newest_fit is None or out.n_tiles >= self._newest_fit.n_tiles:
+                self._newest_fit = out
+        return out
 
     def _on_batch(self, item: tuple[list[TileResult], ClusterSet | None]) -> None:
         """A worker's batch reached the main thread: draw it now, or with the next ones
@@ -656,3 +689,43 @@ def _cap_cells(results: list[TileResult], cap: int) -> list[TileResult]:
         out.append(results[i])
         n += results[i].n_cells
     return out
+
+
+class _BackgroundFit:
+    """One cluster refit at a time in a helper thread of an encoding worker; a refit that
+    failed raises in :meth:`take`, in the worker, as a fit there would have."""
+
+    def __init__(self, fit: Any, cancel: threading.Event) -> None:
+        self._fit, self._cancel = fit, cancel
+        self._thread: threading.Thread | None = None
+        self._result: ClusterSet | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        def run() -> None:
+            try:
+                self._result = self._fit(self._cancel)
+            except BaseException as err:  # handed to the worker by take()
+                self._error = err
+
+        self._thread = threading.Thread(target=run, name="sigmma-refit", daemon=True)
+        self._thread.start()
+
+    def take(self) -> ClusterSet | None:
+        """The finished refit's clusters (once), or ``None``."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+        out, self._result = self._result, None
+        return out
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
