@@ -338,7 +338,14 @@ def test_refits_run_beside_the_encoder_and_cover_every_tile(
     _look_at(viewer, live, c + 1.0, r + 1.0, 4.0)
     fit_threads: list[str] = []
     ctl = LiveController(
-        viewer, layer, engine, k=3, debounce_ms=50, refit_growth=1.2, refit_min_new=2
+        viewer,
+        layer,
+        engine,
+        k=3,
+        debounce_ms=50,
+        refit_growth=1.2,
+        refit_min_new=2,
+        refit_interval_s=0.0,
     )
     fit = ctl._maybe_fit
 

@@ -153,6 +153,10 @@ class LiveController(QObject):
         Clusters (MiniBatchKMeans with ``k``, or ``"leiden"``).
     refit_growth, refit_min_new
         Refit clusters when the encoded tiles grew by this factor and by at least this many.
+    refit_interval_s
+        While tiles are being encoded, refit at most this often (each refit recolours the
+        view, and its Python work competes with the encoder for the GIL); the clusters are
+        always brought up to date after the last batch.
     genes, gene_head
         Genes to map and the ridge head predicting them.
     draw_budget_ms
@@ -180,6 +184,7 @@ class LiveController(QObject):
         cluster_method: str = "kmeans",
         refit_growth: float = 1.5,
         refit_min_new: int = 4,
+        refit_interval_s: float = 2.0,
         genes: Sequence[str] | None = None,
         gene_head: GeneHead | None = None,
         he_mpp: float | None = None,
@@ -199,6 +204,7 @@ class LiveController(QObject):
         self.cluster_method = cluster_method
         self.refit_growth = float(refit_growth)
         self.refit_min_new = int(refit_min_new)
+        self.refit_interval_s = float(refit_interval_s)
         self.cluster_cells_cap = int(cluster_cells_cap)
         self.clusters: ClusterSet | None = None
         self.visible: list[str] = []
@@ -427,12 +433,14 @@ class LiveController(QObject):
         """Runs in a worker thread: yields ``(results, clusters_or_None)`` per batch.
 
         The first clusters are fitted here, so the first batch is drawn coloured; later
-        refits run in a helper thread while this one keeps encoding, and their clusters go
-        out with the next batch (or, after the last one, with an empty batch).
+        refits (at most every ``refit_interval_s``) run in a helper thread while this one
+        keeps encoding, and their clusters go out with the next batch; after the last batch
+        the clusters are brought up to every encoded tile (sent with an empty batch).
         """
         engine = self.engine
         stream = engine.encode(ids, cancel) if encode_new else self._cached_only(ids, cancel)
         refit = _BackgroundFit(self._maybe_fit, cancel)
+        last_refit = time.monotonic()
         try:
             for batch in stream:
                 if cancel.is_set():
@@ -440,8 +448,10 @@ class LiveController(QObject):
                 cs = refit.take()
                 if self.clusters is None and cs is None and not refit.running:
                     cs = self._maybe_fit(cancel)
-                elif not refit.running:
+                    last_refit = time.monotonic()
+                elif not refit.running and time.monotonic() - last_refit >= self.refit_interval_s:
                     refit.start()  # a no-op fit returns None when nothing is due
+                    last_refit = time.monotonic()
                 with self._posted_lock:  # drawn in _on_yielded: busy until then
                     self._posted += 1
                 yield batch, cs
