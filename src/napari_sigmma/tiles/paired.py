@@ -32,6 +32,22 @@ TABLE_KEY = "table"
 CELL_SHAPES = ("cell_circles", "cell_boundaries", "nucleus_boundaries")
 
 
+def _graph_source(arr: Any) -> Any:
+    """The one array a dask array's graph reads from (a materialized single-key layer
+    holding an object with ``shape``, ``dtype`` and slicing), or ``None``."""
+    found = []
+    for layer in getattr(getattr(arr, "dask", None), "layers", {}).values():
+        if type(layer).__name__ != "MaterializedLayer" or len(layer) != 1:
+            continue
+        value = next(iter(layer.values()))
+        if (
+            all(hasattr(value, a) for a in ("shape", "dtype", "__getitem__"))
+            and len(value.shape) == 3
+        ):
+            found.append(value)
+    return found[0] if len(found) == 1 else None
+
+
 class SdataImage:
     """Lazy pyramid reader over a multiscale SpatialData image (``DataTree``, ``(c, y, x)``).
 
@@ -68,6 +84,7 @@ class SdataImage:
             float((h0 / lvl.shape[0] + w0 / lvl.shape[1]) / 2) for lvl in self.levels
         ]
         self._memory: dict[int, np.ndarray] = {}
+        self._direct: dict[int, Any] = {}
 
     @property
     def level_count(self) -> int:
@@ -150,11 +167,52 @@ class SdataImage:
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, ww), min(y + h, hh)
         if x1 > x0 and y1 > y0:
-            block = lvl[y0:y1, x0:x1]
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(
-                block if src is not None else block.compute()
-            )
+            if src is not None:
+                block = lvl[y0:y1, x0:x1]
+            elif (direct := self._direct_reader(level)) is not None:
+                block = direct(y0, y1, x0, x1)
+            else:
+                block = lvl[y0:y1, x0:x1].compute()
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = np.asarray(block)
         return out
+
+    def _direct_reader(self, level: int) -> Any:
+        """A reader of ``[y0:y1, x0:x1]`` that slices the level's source array (the zarr
+        view of the TIFF) without dask, or ``None``.
+
+        Every dask compute optimises the array's whole graph: on a 100k × 100k px level
+        (38,416 chunks) that is ~20 ms per tile read, four times the decoding. The source
+        array is found in the graph, and the reader is used only if it returns the same
+        pixels as the dask array on two probe regions; otherwise reads stay with dask.
+        """
+        if level in self._direct:
+            return self._direct[level]
+        lvl = self.levels[level]
+        reader = None
+        src = _graph_source(lvl)
+        hh, ww = lvl.shape[:2]
+        if src is not None and src.dtype == np.uint8:
+            if tuple(src.shape) == (hh, ww, 3):
+
+                def reader(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                    return np.asarray(src[y0:y1, x0:x1])
+
+            elif tuple(src.shape) == (3, hh, ww):
+
+                def reader(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                    return np.moveaxis(np.asarray(src[:, y0:y1, x0:x1]), 0, -1)
+
+        if reader is not None:
+            n = 64
+            probes = [(0, 0), (max(0, hh // 2 - n // 2), max(0, ww // 2 - n // 2))]
+            for py, px in probes:
+                box = (py, min(py + n, hh), px, min(px + n, ww))
+                want = np.asarray(lvl[box[0] : box[1], box[2] : box[3]].compute())
+                if not np.array_equal(reader(*box), want):
+                    reader = None
+                    break
+        self._direct[level] = reader
+        return reader
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """A small RGB view of the slide and its downsample factor from level 0."""
