@@ -182,6 +182,7 @@ def test_embed_memory_figures_in_child_processes(model_and_slide, tmp_path):
         assert r["grid_tiles"] == len(m.grid) and r["cells_embedded"] > 0
         assert r["peak_rss_embed_mb"] >= r["rss_before_embed_mb"] > 100
         assert r["loop_growth_mb"] >= 0 and r["store_mb"] > 0
+        assert np.isfinite(r["loop_slope_mb_per_1000_tiles"])
         t = read_sdata(tmp_path / f"embed_{r['n_tiles']}.zarr").tables["tile_embeddings"]
         assert t.n_obs == r["n_tiles"] and np.isfinite(t.obsm["he_macro"]).all()
     # the tiles nearest the cells' centre: the 6 are among the 12

@@ -464,10 +464,14 @@ def stream_embed_figures(data: str, checkpoint: str, n_tiles: int, out: str) -> 
     samples: list[float] = []
     first_batch: list[int] = []  # len(samples) when the first batch was written
 
+    trace: list[tuple[int, float]] = []  # (tiles done, RSS MB) after every batch
+
     def progress(done: int, total: int) -> None:
+        rss = _rss_mb()
+        trace.append((done, rss))
         if not first_batch:
             first_batch.append(len(samples))
-            samples.append(_rss_mb())
+            samples.append(rss)
 
     stop = threading.Event()
     sampler = threading.Thread(target=_sample_rss, args=(stop, samples), daemon=True)
@@ -504,8 +508,20 @@ def stream_embed_figures(data: str, checkpoint: str, n_tiles: int, out: str) -> 
         "setup_growth_mb": round(setup_peak - rss_before, 1),
         "rss_first_batch_mb": round(samples[k], 1),
         "loop_growth_mb": round(loop_peak - samples[k], 1),
+        "loop_slope_mb_per_1000_tiles": round(_late_slope(trace) * 1000, 2),
         "store_mb": round(store_mb, 1),
     }
+
+
+def _late_slope(trace: list[tuple[int, float]]) -> float:
+    """Least-squares MB per tile of RSS over the second half of the batch loop (after the
+    allocator has warmed up): about 0 when nothing is held per tile."""
+    if len(trace) < 4:
+        return 0.0
+    late = np.asarray(trace[len(trace) // 2 :], dtype=np.float64)
+    if np.ptp(late[:, 0]) == 0:
+        return 0.0
+    return float(np.polyfit(late[:, 0], late[:, 1], 1)[0])
 
 
 def embed_memory(
@@ -562,13 +578,18 @@ def format_embed(e: dict[str, Any]) -> str:
             f"  {r['n_tiles']:,} of {r['grid_tiles']:,} tiles ({r['cells_embedded']:,} cells, "
             f"{r['tiles_per_s']} tiles/s): RSS {r['rss_before_embed_mb']} MB before; set-up "
             f"(layout, ids and geometry, node features) +{r['setup_growth_mb']} MB; batch loop "
-            f"+{r['loop_growth_mb']} MB; store {r['store_mb']} MB; held in memory the "
-            f"embeddings would be {e['in_memory_would_hold_mb'][r['n_tiles']]} MB"
+            f"+{r['loop_growth_mb']} MB, RSS slope over its second half "
+            f"{r['loop_slope_mb_per_1000_tiles']} MB per 1,000 tiles; store {r['store_mb']} MB; "
+            f"held in memory the embeddings would be "
+            f"{e['in_memory_would_hold_mb'][r['n_tiles']]} MB"
         )
+    per_1000 = {n: round(mb / n * 1000, 1) for n, mb in e["in_memory_would_hold_mb"].items()}
     lines.append(
         f"  batch-loop growth for {e['tiles_ratio']}x the tiles: "
         + " → ".join(f"{g} MB" for g in e["loop_growth_mb"])
-        + " (flat: no embedding is held)"
+        + "; held in memory the embeddings would grow by "
+        + " / ".join(f"{v} MB" for v in per_1000.values())
+        + " per 1,000 tiles"
     )
     return "\n".join(lines)
 
