@@ -395,7 +395,7 @@ def format_cancel_report(r: dict[str, Any]) -> str:
                 extra += f"; worker thread ended after {v['thread_end_s'] * 1000:.0f} ms"
             gone = "" if v.get("thread_gone", True) else ", thread still alive"
             lines.append(
-                f"    {name:<20} {v['latency_s'] * 1000:8.0f} ms  {ok}  ({v['outcome']}{extra}"
+                f"    {name:<26} {v['latency_s'] * 1000:8.0f} ms  {ok}  ({v['outcome']}{extra}"
                 f"{gone})"
             )
     return "\n".join(lines)
