@@ -119,9 +119,9 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
     grid = t.engine.grid
     # whole slide in a worker, with progress; the index is saved next to the disk cache
     worker = w.encode_all()
-    with qtbot.waitSignal(worker.finished, timeout=240_000):
-        pass
-    qtbot.waitUntil(lambda: w.encode_button.isEnabled(), timeout=10_000)
+    assert worker is not None
+    # not waitSignal(worker.finished): a worker that ends before the wait connects is missed
+    qtbot.waitUntil(lambda: not w.busy and w.encode_button.isEnabled(), timeout=240_000)
     se = w.store.slide(t.paired.name)
     assert len(se) == len(grid)
     saved = Path(t.engine.disk.folder) / RETRIEVAL_FILE
