@@ -106,6 +106,20 @@ class EmbedBatch:
     cell_st: dict[str, np.ndarray]
 
 
+def tile_indices(grid: TileGrid, indices: np.ndarray | None) -> np.ndarray:
+    """The tiles of a run as int64 grid indices (default: all), checked against the grid.
+
+    Raises
+    ------
+    SigmmaError
+        An index outside ``0 .. len(grid) - 1``.
+    """
+    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= len(grid)):
+        raise SigmmaError(f"tile indices out of range 0..{len(grid) - 1}")
+    return idx
+
+
 def embed_tiles(
     model: Any,
     paired: PairedSlide,
@@ -127,7 +141,7 @@ def embed_tiles(
     batch to a ``.zarr`` store instead. Parameters as :func:`iter_embed_batches`; a
     cancelled run returns the tiles done so far with ``complete=False``.
     """
-    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
+    idx = tile_indices(grid, indices)
     batches = list(
         iter_embed_batches(
             model,
@@ -239,9 +253,7 @@ def iter_embed_batches(
         device = next(model.parameters()).device
     elif not isinstance(device, torch.device):
         device = resolve_device(str(device))
-    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(grid)):
-        raise SigmmaError(f"tile indices out of range 0..{len(grid) - 1}")
+    idx = tile_indices(grid, indices)
     batch_size = max(1, int(batch_size))
     chunk = max(batch_size, int(chunk_tiles) // batch_size * batch_size)
     use_st = featurizer is not None and paired.n_cells > 0

@@ -177,10 +177,15 @@ def embed_slide_streaming(
     """
     import zarr
 
-    from napari_sigmma.analysis.embed import TileEmbeddings, embeddings_to_sdata, iter_embed_batches
+    from napari_sigmma.analysis.embed import (
+        TileEmbeddings,
+        embeddings_to_sdata,
+        iter_embed_batches,
+        tile_indices,
+    )
     from napari_sigmma.io.store import prepare_target, swap_in
     from napari_sigmma.tiles.dataset import GraphSettings
-    from napari_sigmma.tiles.graphs import cells_per_tile
+    from napari_sigmma.tiles.graphs import cells_per_tile, has_graph
 
     t0 = time.perf_counter()
     settings = settings or GraphSettings()
@@ -189,17 +194,15 @@ def embed_slide_streaming(
         raise SigmmaError(
             "cannot write the embeddings into the store the slide is read from", path=target
         )
-    idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= len(grid)):
-        raise SigmmaError(f"tile indices out of range 0..{len(grid) - 1}")
+    idx = tile_indices(grid, indices)
 
-    # The layout, from the cell table alone: the same rule as the tile graphs' `valid`.
+    # The layout, from the cell table alone, with the tile graphs' own `valid` rule.
     use_st = featurizer is not None and paired.n_cells > 0
     per_tile = cells_per_tile(paired.cells_px, grid)
     members = [per_tile[int(i)] for i in idx]
     del per_tile
     n_cells = np.array([m.size for m in members], dtype=np.int64)
-    valid = (n_cells >= max(int(settings.min_cells), 1)) & use_st
+    valid = has_graph(n_cells, settings.min_cells) & use_st
     stored = valid & bool(cells)  # tiles whose cells get node embeddings
     cell_index = (
         np.concatenate([m for m, ok in zip(members, stored, strict=True) if ok]).astype(np.int64)

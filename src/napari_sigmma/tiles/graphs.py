@@ -11,7 +11,7 @@ training and retrieval.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -169,6 +169,12 @@ class TileCells:
         return int(self.cells.size)
 
 
+def has_graph(n_cells: Any, min_cells: int) -> Any:
+    """Whether a tile with ``n_cells`` cells (scalar or array) is valid: at least
+    ``min_cells`` cells, and at least one."""
+    return np.asarray(n_cells) >= max(int(min_cells), 1)
+
+
 def build_tile_cells(
     paired: PairedSlide,
     grid: TileGrid,
@@ -193,7 +199,7 @@ def build_tile_cells(
         cells = per_tile[int(i)]
         pos = local_positions(paired.cells_px[cells], grid.bounds[int(i)])
         micro, meso = patch_indices(pos)
-        valid = cells.size >= max(int(min_cells), 1)
+        valid = has_graph(cells.size, min_cells)
         ei = (
             tile_graph(
                 pos * tile_um,
