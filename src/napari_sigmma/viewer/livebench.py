@@ -137,21 +137,34 @@ def _zoom_stall(viewer: Any, cam: Any, zoom: float, n: int, probe_ms: int) -> di
     overlays drawn are all cached (no encoding): the gaps are what browsing costs — napari
     slicing and painting, and the plugin's drawing of cached tiles.
     """
-    from qtpy.QtCore import QTimer
-
-    stamps: list[float] = []
-    probe = QTimer()
-    probe.setInterval(int(probe_ms))
-    probe.timeout.connect(lambda: stamps.append(time.perf_counter()))
-    probe.start()
-    _settle(0.2)
-    stamps.clear()
+    probe = _Probe(probe_ms)
     for k in range(n):
         cam.zoom = zoom * (1.35 if k % 2 == 0 else 1.0)
         _settle(0.25)
-    probe.stop()
-    gaps = np.diff(np.asarray(stamps)) * 1000 if len(stamps) > 1 else np.zeros(1)
+    gaps = probe.stop()
     return {"max_ms": float(gaps.max()), "p99_ms": float(np.percentile(gaps, 99)), "moves": n}
+
+
+class _Probe:
+    """A ``QTimer`` ticking every ``probe_ms`` while the event loop is free; the gaps
+    between its ticks are the GUI thread's stalls. Started and settled on creation."""
+
+    def __init__(self, probe_ms: int) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.stamps: list[float] = []
+        self._timer = QTimer()
+        self._timer.setInterval(int(probe_ms))
+        self._timer.timeout.connect(lambda: self.stamps.append(time.perf_counter()))
+        self._timer.start()
+        _settle(0.2)
+        self.stamps.clear()
+
+    def stop(self) -> np.ndarray:
+        """Stop; the gaps between ticks in ms (one zero when there were fewer than two)."""
+        self._timer.stop()
+        t = np.asarray(self.stamps)
+        return np.diff(t) * 1000 if t.size > 1 else np.zeros(1)
 
 
 class _PaintTimer:
@@ -202,7 +215,6 @@ def measure_live(
         ``revisit_ms_all``.
     """
     import napari
-    from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
     from napari_sigmma.viewer.controller import LiveController
@@ -250,13 +262,7 @@ def measure_live(
         ctl.overlays.apply_ms.clear()
         paints = _PaintTimer(viewer)
 
-        stamps: list[float] = []
-        probe = QTimer()
-        probe.setInterval(int(probe_ms))
-        probe.timeout.connect(lambda: stamps.append(time.perf_counter()))
-        probe.start()
-        _settle(0.2)
-        stamps.clear()
+        probe = _Probe(probe_ms)
         cpu0 = _thread_cpu()
         t0 = time.perf_counter()
         cam.center = (cy, cx)
@@ -273,7 +279,7 @@ def measure_live(
         t1 = time.perf_counter()
         cpu_pipeline = _cpu_delta(cpu0, _thread_cpu())
         fit_s, n_fits = ctl.fit_seconds - fit0, ctl.fits - fits0
-        probe.stop()
+        gaps = probe.stop()
         if not done:
             raise RuntimeError(f"the live pipeline did not finish within {timeout_s:.0f} s")
         n_encoded = engine.stats.encoded_tiles - n_before
@@ -282,8 +288,7 @@ def measure_live(
         paint_ms = list(paints.ms)
         paints.ms.clear()
         handlers = list(ctl.handler_ms)
-        gaps = np.diff(np.asarray(stamps)) * 1000 if len(stamps) > 1 else np.zeros(1)
-        longest = _explain_gaps(stamps, [*ctl.spans, *paints.spans], top=5)
+        longest = _explain_gaps(probe.stamps, [*ctl.spans, *paints.spans], top=5)
         indices = [engine.index_of(t) for t in ctl.visible if t not in warm]
 
         # revisit: off the slide (nothing visible), then back to the encoded view
