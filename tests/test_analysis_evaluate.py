@@ -40,7 +40,7 @@ def trained(synthetic_small, tmp_path_factory) -> tuple[Path, Path, object]:
 
 @pytest.fixture(scope="module")
 def evaluated(trained, synthetic_small) -> tuple[Path, dict]:
-    from napari_sigmma.analysis.evaluate import evaluate
+    from napari_sigmma.evaluation.run import evaluate
 
     root, run, _ = trained
     out = root / "report"
@@ -210,8 +210,8 @@ def test_trained_model_is_better_than_nothing(evaluated) -> None:
 
 
 def test_ablation_on_the_same_split_and_compare_table(trained, evaluated, synthetic_small):
-    from napari_sigmma.analysis.baselines import train_variant, variant_config
     from napari_sigmma.cli import main
+    from napari_sigmma.evaluation.baselines import train_variant, variant_config
 
     root, run, cfg = trained
     out, _ = evaluated
@@ -263,7 +263,7 @@ def test_ablation_on_the_same_split_and_compare_table(trained, evaluated, synthe
 
 
 def test_errors_name_the_problem(tmp_path, trained) -> None:
-    from napari_sigmma.analysis.evaluate import evaluate
+    from napari_sigmma.evaluation.run import evaluate
 
     with pytest.raises(SigmmaError, match="not found"):
         evaluate(None, tmp_path / "nope.pt", tmp_path / "out")
@@ -278,8 +278,8 @@ def test_headline_comparison_on_400_held_out_synthetic_tiles(sigmma_cache, tmp_p
     split with ≥ 400 test tiles (the sample of the trainer's headline test)."""
     import torch
 
-    from napari_sigmma.analysis.baselines import train_and_compare
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.evaluation.baselines import train_and_compare
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     torch.set_num_threads(1)
     data = sigmma_cache / "synthetic_8704_seed1"

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
-from napari_sigmma.analysis.evaluate import (
+from napari_sigmma.errors import SigmmaError
+from napari_sigmma.evaluation.probe import rowwise_pearson
+from napari_sigmma.evaluation.run import (
     chance_level,
     concat_embedding,
     probe_block,
     retrieval_block,
 )
-from napari_sigmma.analysis.metrics import partner_ranks, recall_at_percent, retrieval_metrics
-from napari_sigmma.analysis.probe import rowwise_pearson
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.metrics import partner_ranks, recall_at_percent, retrieval_metrics
 
 
 def _with_partner_ranks(ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sigmma.analysis.probe import is_control, rowwise_pearson, run_probe, select_hvg
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.evaluation.probe import is_control, rowwise_pearson, run_probe, select_hvg
 
 
 def _linear_data(n: int, d: int, g: int, noise: float, seed: int = 0):

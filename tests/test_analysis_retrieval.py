@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sigmma.analysis.retrieval import EmbeddingIndex
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.retrieval.index import EmbeddingIndex
 
 
 def test_topk_matches_brute_force_across_slides() -> None:

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from napari_sigmma.analysis.retrieval import EmbeddingIndex, spherical_kmeans
-from napari_sigmma.analysis.scalebench import clustered_embeddings, retrieval_scale
+from napari_sigmma.bench.scale import clustered_embeddings, retrieval_scale
 from napari_sigmma.errors import Cancelled, SigmmaError
+from napari_sigmma.retrieval.index import EmbeddingIndex, spherical_kmeans
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

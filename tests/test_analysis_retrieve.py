@@ -7,7 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sigmma.analysis.retrieve import (
+from napari_sigmma.errors import SigmmaError
+from napari_sigmma.live.cache import TileResult
+from napari_sigmma.retrieval.query import (
     RetrievalStore,
     SlideEmbeddings,
     cells_in_polygon,
@@ -17,8 +19,6 @@ from napari_sigmma.analysis.retrieve import (
     tile_of_cells,
     top_genes,
 )
-from napari_sigmma.analysis.tilecache import TileResult
-from napari_sigmma.errors import SigmmaError
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_reference_slide_and_persistence(slide, tmp_path):
 
 
 def test_from_embed_tiles_output(slide):
-    from napari_sigmma.analysis.embed import TileEmbeddings
+    from napari_sigmma.embed.memory import TileEmbeddings
 
     paired, grid = slide
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_sigmma.analysis.scalebench import (
+from napari_sigmma.bench.scale import (
     camera_walk,
     retrieval_scale,
     run_scale_bench,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def test_first_load_cancels_while_imports_run(embedded_bundle: Path) -> None:
-    from napari_sigmma.analysis.cancelbench import time_cold_load
+    from napari_sigmma.bench.cancel import time_cold_load
 
     out = time_cold_load(embedded_bundle)
     assert out["fresh_process"]

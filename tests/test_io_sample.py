@@ -115,7 +115,7 @@ def test_cell_types_differ_in_expression(sdata) -> None:  # type: ignore[no-unty
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    from napari_sigmma.io.sample import CELL_TYPES
+    from napari_sigmma.samples.embedded import CELL_TYPES
 
     table = sdata.tables["table"]
     types = table.obs["cell_type"].astype(str).to_numpy()
@@ -195,7 +195,7 @@ def test_context_genes_carry_spatial_signal(sdata) -> None:  # type: ignore[no-u
 def test_embedded_sample_is_cached_and_deterministic(
     embedded_bundle: Path, cli_bundle: Path
 ) -> None:
-    from napari_sigmma.io.sample import GROUND_TRUTH_FILE, embedded_sample
+    from napari_sigmma.samples.embedded import GROUND_TRUTH_FILE, embedded_sample
 
     t0 = time.perf_counter()
     again = embedded_sample(cache_dir=embedded_bundle.parent)

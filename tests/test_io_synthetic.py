@@ -133,7 +133,7 @@ def test_types_look_and_express_differently(sdata) -> None:  # type: ignore[no-u
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
 
-    from napari_sigmma.io.synthetic import CELL_TYPES
+    from napari_sigmma.samples.synthetic import CELL_TYPES
 
     table = sdata.tables["table"]
     types = table.obs["cell_type"].astype(str).to_numpy()
@@ -174,7 +174,7 @@ def test_types_look_and_express_differently(sdata) -> None:  # type: ignore[no-u
 
 
 def test_rendering_is_tile_deterministic() -> None:
-    from napari_sigmma.io.synthetic import SyntheticTissue
+    from napari_sigmma.samples.synthetic import SyntheticTissue
 
     tissue = SyntheticTissue(2048, seed=3)
     y0, x0, n = 700, 600, 600
@@ -197,7 +197,7 @@ def test_same_seed_same_bundle(tmp_path: Path, bundle: Path) -> None:
     import h5py
     import tifffile
 
-    from napari_sigmma.io.synthetic import SyntheticTissue, write_synthetic_sample
+    from napari_sigmma.samples.synthetic import SyntheticTissue, write_synthetic_sample
 
     a = write_synthetic_sample(tmp_path / "a", size=768, seed=5)
     b = write_synthetic_sample(tmp_path / "b", size=768, seed=5)
@@ -228,8 +228,8 @@ def test_big_slide_streams_with_bounded_memory(tmp_path: Path) -> None:
 
     import tifffile
 
-    from napari_sigmma.io.synthetic import SyntheticTissue
-    from napari_sigmma.io.tiffwrite import write_pyramidal_ome_tiff
+    from napari_sigmma.samples.synthetic import SyntheticTissue
+    from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
 
     size, width = 8192, 2048
     tissue = SyntheticTissue(size, seed=1)

@@ -22,7 +22,7 @@ def windowed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_fast_render_is_tile_and_seed_deterministic() -> None:
-    from napari_sigmma.io.synthetic import FAST_TILE, SyntheticTissue
+    from napari_sigmma.samples.synthetic import FAST_TILE, SyntheticTissue
 
     tissue = SyntheticTissue(SIZE, seed=3)
     # a region across grid lines, with part of an exactly rendered box inside it
@@ -52,7 +52,7 @@ def test_fast_render_is_tile_and_seed_deterministic() -> None:
 
 
 def test_fast_render_follows_the_domain_map() -> None:
-    from napari_sigmma.io.synthetic import DOMAINS, FAST_DOMAIN_STRIDE, SyntheticTissue
+    from napari_sigmma.samples.synthetic import DOMAINS, FAST_DOMAIN_STRIDE, SyntheticTissue
 
     tissue = SyntheticTissue(SIZE, seed=0)
     s = FAST_DOMAIN_STRIDE
@@ -78,7 +78,7 @@ def test_fast_render_follows_the_domain_map() -> None:
 
 def test_fast_render_needs_a_window(tmp_path: Path) -> None:
     from napari_sigmma.errors import SigmmaError
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     with pytest.raises(SigmmaError, match="cell window"):
         write_synthetic_sample(tmp_path / "x", size=512, render="fast")
@@ -89,7 +89,7 @@ def test_windowed_bundle_reads_back_with_cells_in_the_window(windowed: Path) -> 
     import tifffile
 
     from napari_sigmma.io import load_any
-    from napari_sigmma.io.synthetic import SyntheticTissue
+    from napari_sigmma.samples.synthetic import SyntheticTissue
 
     truth = pd.read_parquet(windowed / "sigmma_ground_truth.parquet")
     lo, hi = (SIZE - WINDOW) / 2, (SIZE + WINDOW) / 2
@@ -135,7 +135,7 @@ def test_windowed_bundle_reads_back_with_cells_in_the_window(windowed: Path) -> 
 def test_render_workers_write_the_same_slide(tmp_path: Path) -> None:
     import tifffile
 
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     kw = {"size": 1024, "cell_window": 512, "seed": 5}
     a = write_synthetic_sample(tmp_path / "one", **kw)

@@ -27,7 +27,7 @@ def _reference_pyramid(img: np.ndarray, levels: int) -> list[np.ndarray]:
 def test_levels_are_exact_2x2_means(tmp_path: Path, shape, dtype, tile) -> None:  # type: ignore[no-untyped-def]
     import tifffile
 
-    from napari_sigmma.io.tiffwrite import pyramid_shapes, write_pyramidal_ome_tiff
+    from napari_sigmma.samples.tiffwrite import pyramid_shapes, write_pyramidal_ome_tiff
 
     rng = np.random.default_rng(7)
     img = rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
@@ -57,7 +57,7 @@ def test_wide_strip_memory_is_one_tile_row_per_level(tmp_path: Path) -> None:
 
     import tifffile
 
-    from napari_sigmma.io.tiffwrite import write_pyramidal_ome_tiff
+    from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
 
     width, height, tile = 40_000, 1024, 256
     rng = np.random.default_rng(0)

@@ -238,7 +238,7 @@ def test_ome_tiff_planar_channels(tmp_path: Path, image: np.ndarray) -> None:
 
 
 def test_project_ome_writer_output(tmp_path: Path, image: np.ndarray) -> None:
-    from napari_sigmma.io.tiffwrite import write_pyramidal_ome_tiff
+    from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
 
     path = write_pyramidal_ome_tiff(
         tmp_path / "w.ome.tif", image, mpp=0.3, tile=256, compression="zlib"

@@ -16,7 +16,6 @@ import tifffile
 
 from napari_sigmma.errors import SigmmaError
 from napari_sigmma.io import xenium_format as xf
-from napari_sigmma.io.tiffwrite import pyramid_shapes, write_pyramidal_ome_tiff
 from napari_sigmma.io.xenium import (
     affine_from_keypoints,
     check_xenium_bundle,
@@ -25,7 +24,8 @@ from napari_sigmma.io.xenium import (
     read_alignment_csv,
     read_xenium,
 )
-from napari_sigmma.io.xenium_write import write_xenium_bundle
+from napari_sigmma.samples.tiffwrite import pyramid_shapes, write_pyramidal_ome_tiff
+from napari_sigmma.samples.xenium_write import write_xenium_bundle
 
 PIXEL_SIZE = 0.2125
 HE_MPP = 0.5

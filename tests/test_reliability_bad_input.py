@@ -102,7 +102,7 @@ def test_empty_data_list(tmp_path: Path, feature_cache: Path) -> None:
 
 
 def test_slide_smaller_than_one_tile(tmp_path: Path, feature_cache: Path) -> None:
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     small = write_synthetic_sample(tmp_path / "small", size=200, seed=1)  # 100 µm < 128 µm
     with pytest.raises(SigmmaError, match="no tiles") as err:
@@ -205,7 +205,7 @@ def _with_panel(paired, genes: list[str], counts):  # type: ignore[no-untyped-de
 def test_gene_panel_differing_from_training(trained_run: TrainConfig, synthetic_sdata) -> None:
     """A partly different panel is aligned by name (missing genes count 0, extra genes
     ignored, any order); a disjoint panel is refused naming the slide."""
-    from napari_sigmma.analysis.embed import embed_tiles
+    from napari_sigmma.embed.memory import embed_tiles
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
     from napari_sigmma.train.trainer import graph_settings, model_from_checkpoint
@@ -264,7 +264,7 @@ def test_nan_and_inf_node_features_are_refused(synthetic_sdata) -> None:
 
 
 def test_inf_embeddings_are_refused_by_the_index() -> None:
-    from napari_sigmma.analysis.retrieval import EmbeddingIndex
+    from napari_sigmma.retrieval.index import EmbeddingIndex
 
     emb = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
     emb[5, 1] = np.inf

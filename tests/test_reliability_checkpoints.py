@@ -113,7 +113,7 @@ def test_backbone_loader_refuses(evil: tuple[Path, Path]) -> None:
 
 def test_live_viewer_loader_refuses(evil: tuple[Path, Path]) -> None:
     """The main dock hands its checkpoint to ``load_live_run`` in a worker."""
-    from napari_sigmma.analysis.liverun import load_live_run
+    from napari_sigmma.live.run import load_live_run
 
     path, marker = evil
     with pytest.raises(SigmmaError) as err:

@@ -20,7 +20,7 @@ from napari_sigmma.train.trainer import train
 
 @pytest.mark.slow
 def test_synthetic_training_beats_chance_on_400_held_out_tiles(sigmma_cache, tmp_path):
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     t0 = time.perf_counter()
     data = sigmma_cache / "synthetic_8704_seed1"

@@ -50,8 +50,8 @@ def trained(embedded_bundle, tmp_path_factory):
 
 def _engine(trained, tmp_path, batch_size: int = 2):
     """A fresh engine (empty disk cache) on the embedded sample."""
-    from napari_sigmma.analysis.liverun import load_live_run
     from napari_sigmma.io import load_any
+    from napari_sigmma.live.run import load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
 
     run = load_live_run(trained.ckpt)
@@ -125,7 +125,7 @@ def _still_works(viewer) -> None:
 
 # -- analysis: no Qt --------------------------------------------------------------------------
 def _structured_results(n_tiles: int = 60, d: int = 16, seed: int = 0):
-    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.live.cache import TileResult
 
     rng = np.random.default_rng(seed)
     out = []
@@ -186,7 +186,7 @@ def test_load_any_cancel(embedded_bundle) -> None:
 
 
 def test_embed_tiles_cancel_in_a_thread(trained, tmp_path) -> None:
-    from napari_sigmma.analysis.embed import embed_tiles
+    from napari_sigmma.embed.memory import embed_tiles
 
     engine, _ = _engine(trained, tmp_path)
     base = _threads()
@@ -222,7 +222,7 @@ def test_embed_tiles_cancel_in_a_thread(trained, tmp_path) -> None:
 def test_embed_folder_on_dask_cancels_and_leaves_no_process(trained, tmp_path) -> None:
     """``napari-sigmma embed`` over a folder: one dask task per slide on a local process
     cluster; cancelled while the workers run, the cluster is shut down and nothing is kept."""
-    from napari_sigmma.train.cli import embed_folder
+    from napari_sigmma.embed.folder import embed_folder
 
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_sigmma.analysis.visible import visible_tiles
+from napari_sigmma.live.visible import visible_tiles
 
 SIGMMA_KINDS = ("clusters", "cell_clusters", "edges", "attention", "gene_predicted")
 
@@ -38,9 +38,9 @@ class Counted:
 def live(embedded_bundle, tmp_path_factory):
     import torch
 
-    from napari_sigmma.analysis.engine import EmbeddingEngine
     from napari_sigmma.analysis.genehead import fit_gene_head
     from napari_sigmma.io import load_any
+    from napari_sigmma.live.engine import EmbeddingEngine
     from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
     from napari_sigmma.tiles.features import NodeFeaturizer
     from napari_sigmma.tiles.grid import make_tile_grid

@@ -12,7 +12,7 @@ pytest.importorskip("napari")
 
 
 def test_live_bench_runs_and_reports_every_figure(sigmma_cache: Path, tmp_path: Path) -> None:
-    from napari_sigmma.analysis.bench import format_report, run_bench
+    from napari_sigmma.bench.live import format_report, run_bench
 
     r = run_bench(tmp_path, cache_dir=sigmma_cache, device="cpu", view_tiles=2.0)
     assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(r))

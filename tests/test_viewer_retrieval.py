@@ -41,8 +41,8 @@ class Counted:
 
 @pytest.fixture(scope="module")
 def trained(embedded_bundle, tmp_path_factory):
-    from napari_sigmma.analysis.liverun import fit_run_gene_head, load_live_run
     from napari_sigmma.io import load_any
+    from napari_sigmma.live.run import fit_run_gene_head, load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
     from napari_sigmma.train.trainer import train
 
@@ -102,7 +102,7 @@ def _own_ranks(se, scale):
 def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained, tmp_path):
     from napari.layers import Shapes
 
-    from napari_sigmma.analysis.retrieve import RETRIEVAL_FILE, SlideEmbeddings
+    from napari_sigmma.retrieval.query import RETRIEVAL_FILE, SlideEmbeddings
     from napari_sigmma.viewer.retrieval import (
         RESULTS_LAYER,
         RetrievalWidget,
@@ -322,7 +322,7 @@ def test_queries_never_build_the_ivf_on_the_gui_thread(make_napari_viewer, qtbot
     a worker thread (the whole-slide worker, or the one a query starts)."""
     import threading
 
-    from napari_sigmma.analysis.retrieve import SlideEmbeddings
+    from napari_sigmma.retrieval.query import SlideEmbeddings
     from napari_sigmma.viewer.retrieval import RetrievalWidget
 
     t = trained
@@ -386,7 +386,7 @@ def test_queries_never_build_the_ivf_on_the_gui_thread(make_napari_viewer, qtbot
 
     # the whole-slide worker's generator adds the tiles and builds the due indices in the
     # worker's own thread, after a (None, done, total) progress item
-    from napari_sigmma.analysis.retrieve import RetrievalStore
+    from napari_sigmma.retrieval.query import RetrievalStore
     from napari_sigmma.viewer.retrieval import _encode_all
 
     store = RetrievalStore(ivf_min_size=16, build_in_query=False)

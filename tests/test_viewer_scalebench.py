@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_sigmma.analysis.scalebench import camera_walk
-from napari_sigmma.io.tiffwrite import write_pyramidal_ome_tiff
-from napari_sigmma.io.wsi import open_slide
-from napari_sigmma.viewer.hooks import DASK_CACHE_MAX_BYTES
-from napari_sigmma.viewer.scalebench import (
+from napari_sigmma.bench.scale import camera_walk
+from napari_sigmma.bench.scale_qt import (
     PLUGIN,
     DrawWatch,
     rss_mb,
@@ -22,6 +19,9 @@ from napari_sigmma.viewer.scalebench import (
     wait_until_drawn,
     walk_viewer,
 )
+from napari_sigmma.io.wsi import open_slide
+from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
+from napari_sigmma.viewer.hooks import DASK_CACHE_MAX_BYTES
 
 SIDE = 8192
 MPP = 0.5

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
-    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.live.cache import TileResult
 
-SCALES = ("micro", "meso", "macro")
 HE_KEYS = tuple(f"he_{s}" for s in SCALES)
 CELL_KEYS = tuple(f"cells_{s}" for s in SCALES)
 # micro patch m (row-major 4×4) lies in meso patch MICRO_TO_MESO[m] (row-major 2×2)

@@ -27,7 +27,7 @@ from napari_sigmma.errors import SigmmaError
 from napari_sigmma.files import atomic_savez
 
 if TYPE_CHECKING:
-    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.live.cache import TileResult
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
@@ -172,7 +172,7 @@ class GeneHead:
 
 def default_genes(paired: PairedSlide) -> list[str]:
     """The slide's genes without control probes / codewords."""
-    from napari_sigmma.analysis.probe import is_control
+    from napari_sigmma.constants import is_control
 
     return [g for g in paired.genes if not is_control(g)]
 

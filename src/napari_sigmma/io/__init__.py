@@ -15,15 +15,47 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from napari_sigmma.constants import NAME_SUFFIXES
 from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
 
-__all__ = ["XENIUM_MARKER", "detect_kind", "load_any", "release_thread_dask_pool"]
+__all__ = [
+    "XENIUM_MARKER",
+    "detect_kind",
+    "load_any",
+    "release_thread_dask_pool",
+    "slide_name",
+    "slide_names",
+]
 
 #: The file that makes a folder a Xenium output bundle.
 XENIUM_MARKER = "experiment.xenium"
+
+
+def slide_name(path: str | os.PathLike[str] | None) -> str:
+    """The name of the slide a data path holds: the one rule for run folders, splits, caches
+    and stores (``sample.zarr`` → ``sample``, ``TENX118.tif`` → ``TENX118``, a Xenium folder →
+    its folder name). Old ``split.json`` files hold names made by this rule."""
+    if not path:
+        return "slide"
+    p = Path(path)
+    return (p.stem if p.suffix in NAME_SUFFIXES else p.name) or "slide"
+
+
+def slide_names(paths: list[str]) -> list[str]:
+    """Unique slide names of several data paths (:func:`slide_name`; ``-2``, ``-3`` … on
+    clashes)."""
+    names: list[str] = []
+    for p in paths:
+        base = slide_name(p)
+        name, k = base, 1
+        while name in names:
+            k += 1
+            name = f"{base}-{k}"
+        names.append(name)
+    return names
 
 
 def detect_kind(path: str | os.PathLike[str]) -> str | None:

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_sigmma.constants import is_control
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
-    "CONTROL_PATTERN",
     "MIN_QV",
     "TRANSCRIPT_COLUMNS",
     "find_hest_samples",
@@ -67,17 +66,13 @@ TRANSCRIPT_COLUMNS = ("cell_id", "he_x", "he_y", "feature_name", "qv")
 MIN_QV = 20.0
 #: cell_id values meaning "not in a cell".
 UNASSIGNED = frozenset({"UNASSIGNED", "-1", "", "nan", "None"})
-#: Feature names that are not genes (negative controls, blank / unassigned codewords).
-CONTROL_PATTERN = re.compile(
-    r"^(NegControl|BLANK|Blank-|Unassigned|Deprecated|GenomicControl|Intergenic|antisense_|NegPrb)"
-)
 #: Radius (µm) of a cell circle when the cell has no segmentation polygon.
 DEFAULT_RADIUS_UM = 5.0
 
 
 def is_control_feature(name: str) -> bool:
     """Whether a Xenium feature name is a control probe / codeword rather than a gene."""
-    return bool(CONTROL_PATTERN.match(name))
+    return is_control(name)
 
 
 def is_hest_folder(path: str | os.PathLike[str]) -> bool:

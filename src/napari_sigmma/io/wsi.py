@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+# slide suffixes: ``.ome.tif`` / ``.ome.tiff`` end in ``.tif`` / ``.tiff``
+from napari_sigmma.constants import SLIDE_SUFFIXES
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
@@ -38,8 +40,6 @@ __all__ = [
     "tissue_mask",
 ]
 
-#: File name endings read as slides (``.ome.tif`` / ``.ome.tiff`` end in ``.tif`` / ``.tiff``).
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi")
 #: tifffile series that are not the slide itself.
 _SKIP_SERIES = ("label", "macro", "thumbnail", "overview")
 #: A computed pyramid stops at the first level whose longer side is at most this.

@@ -1,6 +1,6 @@
 """Names and encodings of the 10x Genomics Xenium output bundle (XOA 2.x), in one place.
 
-Both the writer (:mod:`napari_sigmma.io.xenium_write`) and the reader
+Both the writer (:mod:`napari_sigmma.samples.xenium_write`) and the reader
 (:mod:`napari_sigmma.io.xenium`) use these constants; they follow what
 ``spatialdata_io.xenium`` (0.7.x) reads.
 
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from napari_sigmma.constants import is_control
 from napari_sigmma.errors import SigmmaError
 
 # --- files -------------------------------------------------------------------------------
@@ -126,10 +127,6 @@ CONTROL_COUNT_COLUMNS: dict[str, str] = {
     UNASSIGNED_CODEWORD: "unassigned_codeword_counts",
     DEPRECATED_CODEWORD: "deprecated_codeword_counts",
 }
-#: Feature names that are controls whatever their declared type (older panels, BLANK codewords).
-CONTROL_NAME_PATTERN = re.compile(
-    r"^(BLANK|NegControl|UnassignedCodeword|DeprecatedCodeword|Intergenic|antisense)", re.I
-)
 
 # --- keypoints CSV (Xenium Explorer) ----------------------------------------------------
 KP_FIXED_X = "fixedX"
@@ -143,7 +140,7 @@ _SHIFTS = np.array([28, 24, 20, 16, 12, 8, 4, 0], dtype=np.uint32)
 
 def is_control_feature(name: str, feature_type: str) -> bool:
     """Whether a feature is a control probe / codeword rather than a real gene."""
-    return feature_type != GENE_EXPRESSION or bool(CONTROL_NAME_PATTERN.match(str(name)))
+    return feature_type != GENE_EXPRESSION or is_control(name)
 
 
 def encode_prefix(prefix: Iterable[int] | np.ndarray) -> np.ndarray:

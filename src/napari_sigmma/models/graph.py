@@ -42,12 +42,12 @@ import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
     import torch
 
-SCALES = ("micro", "meso", "macro")
 # cap on G·n² elements of one dense distance block in candidate search (memory)
 _DENSE_BUDGET = 1 << 24
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from napari_sigmma.constants import CROP_SLICES, SCALES
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
@@ -17,10 +18,8 @@ if TYPE_CHECKING:
 
     from napari_sigmma.models.backbones import Backbone
 
-SCALES = ("micro", "meso", "macro")
 GRIDS = {"micro": 4, "meso": 2, "macro": 1}
 N_CROPS = 21
-CROP_SLICES = {"micro": slice(0, 16), "meso": slice(16, 20), "macro": slice(20, 21)}
 
 
 def _bounds(size: int, n: int) -> list[tuple[int, int]]:

@@ -7,12 +7,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
     import torch
 
-SCALES = ("micro", "meso", "macro")
 FINETUNE_CHOICES = ("frozen", "last_k", "full")
 
 

@@ -341,7 +341,9 @@ class PairedSlide:
 
         image = SdataImage(img_el, he_mpp, path=path)
         if name is None:
-            name = _default_name(path)
+            from napari_sigmma.io import slide_name
+
+            name = slide_name(path)
 
         if table is None:
             n = 0
@@ -413,15 +415,6 @@ class PairedSlide:
                 h.update(np.asarray(self.counts.sum(axis=1)).astype(np.float64).tobytes())
             self._hash = h.hexdigest()[:16]
         return self._hash
-
-
-def _default_name(path: str | None) -> str:
-    if not path:
-        return "slide"
-    from pathlib import Path
-
-    p = Path(path)
-    return p.stem if p.suffix else p.name
 
 
 def _element_affine(element: Any) -> np.ndarray:

@@ -423,24 +423,6 @@ class RunData:
         return {k: len(v) for k, v in self.entries.items()}
 
 
-def slide_names(paths: list[str]) -> list[str]:
-    """Unique slide names from data paths (stems; ``-2``, ``-3`` … on clashes)."""
-    return _slide_names(paths)
-
-
-def _slide_names(paths: list[str]) -> list[str]:
-    names: list[str] = []
-    for p in paths:
-        q = Path(p)
-        base = q.stem if q.suffix in (".zarr", ".svs", ".tif", ".tiff", ".ndpi") else q.name
-        name, k = base or "slide", 1
-        while name in names:
-            k += 1
-            name = f"{base}-{k}"
-        names.append(name)
-    return names
-
-
 # Prepared slides of recent runs in this process, so repeated runs on the same data (a
 # widget retraining, a resumed run, tests) skip re-reading and re-tiling. Keyed by the data
 # path and its modification times and by every setting the preparation depends on.
@@ -466,7 +448,7 @@ def load_slides(
     With ``reuse``, slides prepared by an earlier call in this process with the same data
     (unchanged on disk) and the same tiling / graph settings are reused.
     """
-    from napari_sigmma.io import load_any
+    from napari_sigmma.io import load_any, slide_names
     from napari_sigmma.tiles.dataset import SlideTiles, prepare_slide
     from napari_sigmma.tiles.paired import PairedSlide
 
@@ -474,7 +456,7 @@ def load_slides(
         raise SigmmaError("no training data given (config 'data' is empty)")
     settings = graph_settings(cfg)
     out = []
-    for path, name in zip(cfg.data, _slide_names(cfg.data), strict=True):
+    for path, name in zip(cfg.data, slide_names(cfg.data), strict=True):
         if is_cancelled(cancel):
             break
         key = (
@@ -831,7 +813,7 @@ def evaluate_retrieval(
     model: Any, dataset: PairedTileDataset, *, device: Any, batch_size: int = 32
 ) -> dict[str, float]:
     """Recall@5/10/15% both directions per scale, and ``score`` = mean Recall@5%."""
-    from napari_sigmma.analysis.metrics import retrieval_metrics
+    from napari_sigmma.metrics import retrieval_metrics
 
     if len(dataset) < 2:
         return {}

@@ -3,7 +3,7 @@
 Flow
 ----
 1. Every camera change (pan, zoom, canvas resize) computes the visible region in H&E
-   level-0 pixels and the tiles it covers (:func:`napari_sigmma.analysis.visible.visible_tiles`,
+   level-0 pixels and the tiles it covers (:func:`napari_sigmma.live.visible.visible_tiles`,
    centre first). If the visible set did not change, nothing happens.
 2. Tiles already in the engine's memory cache are drawn at once, in the same event-loop
    turn (a revisit costs a few milliseconds and needs no worker). Tiles that left the view
@@ -35,17 +35,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 
-from napari_sigmma.analysis.visible import clip_box, visible_tiles
 from napari_sigmma.io import release_thread_dask_pool
+from napari_sigmma.live.visible import clip_box, visible_tiles
 from napari_sigmma.viewer.overlays import Frame, LiveOverlays
 
 if TYPE_CHECKING:
     import napari
 
     from napari_sigmma.analysis.clusters import ClusterSet
-    from napari_sigmma.analysis.engine import EmbeddingEngine
     from napari_sigmma.analysis.genehead import GeneHead
-    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.live.engine import EmbeddingEngine
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
@@ -141,7 +141,7 @@ class LiveController(QObject):
     image_layer
         The H&E layer (multiscale or not) the grid refers to.
     engine
-        The :class:`~napari_sigmma.analysis.engine.EmbeddingEngine`, or ``None`` (no model:
+        The :class:`~napari_sigmma.live.engine.EmbeddingEngine`, or ``None`` (no model:
         the controller only shows how to get one).
     grid, paired
         The slide's tile grid and cells (default: the engine's).

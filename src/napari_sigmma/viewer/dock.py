@@ -421,8 +421,8 @@ def _open_steps(path: str, cancel: threading.Event) -> Iterator[tuple[str, int, 
 
 
 def _model_steps(path: str, cancel: threading.Event) -> Iterator[tuple[str, int, int]]:
-    """Worker: the checkpoint's :class:`~napari_sigmma.analysis.liverun.LiveRun`."""
-    from napari_sigmma.analysis.liverun import load_live_run
+    """Worker: the checkpoint's :class:`~napari_sigmma.live.run.LiveRun`."""
+    from napari_sigmma.live.run import load_live_run
 
     yield f"Loading model {path}…", 0, 1
     run = load_live_run(path, cancel=cancel)
@@ -435,19 +435,18 @@ def _live_steps(
 ) -> Iterator[tuple[str, int, int]]:
     """Worker: run (a LiveRun, or a checkpoint to load), slide, grid, engine (disk cache
     next to the data); returns ``(engine, gene_head)``."""
-    from napari_sigmma.analysis.liverun import load_live_run
-    from napari_sigmma.analysis.tilecache import default_cache_root
     from napari_sigmma.errors import check_cancel
-    from napari_sigmma.io import load_any
+    from napari_sigmma.io import load_any, slide_name
+    from napari_sigmma.live.cache import default_cache_root
+    from napari_sigmma.live.run import load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
-    from napari_sigmma.train.trainer import _slide_names
 
     if not hasattr(run, "engine"):
         yield "Loading the model…", 0, 3
         run = load_live_run(run, cancel=cancel)
     yield "Reading the slide…", 1, 3
     sdata = load_any(sdata_path, cancel=cancel)
-    paired = PairedSlide.from_sdata(sdata, name=_slide_names([sdata_path])[0])
+    paired = PairedSlide.from_sdata(sdata, name=slide_name(sdata_path))
     check_cancel(cancel)
     yield "Preparing the tile grid and the engine…", 2, 3
     engine = run.engine(paired, device=device, cache_dir=default_cache_root(sdata_path))

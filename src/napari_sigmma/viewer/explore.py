@@ -34,10 +34,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sigmma.constants import SCALES
+
 if TYPE_CHECKING:
     import napari
 
-SCALES = ("micro", "meso", "macro")
 SCALED_KINDS = ("clusters", "cell_clusters", "edges")
 OVERLAY_KINDS = (
     "clusters",

@@ -178,15 +178,15 @@ def get_folder_reader(path: PathOrPaths) -> ReaderFunction | None:
 
 def embedded_sample_data() -> list[tuple[Any, ...]]:
     """File > Open Sample > embedded: the CMU-1 H&E with its simulated Xenium bundle."""
-    from napari_sigmma.io.sample import embedded_sample
+    from napari_sigmma.samples.embedded import embedded_sample
 
     return _sample_layers(embedded_sample())
 
 
 def synthetic_sample_data() -> list[tuple[Any, ...]]:
     """File > Open Sample > synthetic: a small procedural paired sample, written once."""
-    from napari_sigmma.io.cmu import cache_root
-    from napari_sigmma.io.synthetic import write_synthetic_sample
+    from napari_sigmma.samples.cmu import cache_root
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
 
     out = cache_root() / f"synthetic_{SYNTHETIC_SIZE}_seed{SYNTHETIC_SEED}"
     if not (out / "experiment.xenium").is_file():

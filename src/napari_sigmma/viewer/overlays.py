@@ -40,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from napari_sigmma.analysis.clusters import PALETTE, ClusterSet
+from napari_sigmma.constants import SCALES
 
 if TYPE_CHECKING:
     import napari
 
     from napari_sigmma.analysis.genehead import GeneHead
-    from napari_sigmma.analysis.tilecache import TileResult
+    from napari_sigmma.live.cache import TileResult
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
-SCALES = ("micro", "meso", "macro")
 PER_SIDE = {"micro": 4, "meso": 2, "macro": 1}
 PREFIX = "SIGMMA"
 EDGE_RGB = {"micro": (1.0, 1.0, 1.0), "meso": (0.1, 0.9, 1.0), "macro": (1.0, 0.25, 0.85)}

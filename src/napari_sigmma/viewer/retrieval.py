@@ -2,8 +2,8 @@
 (HE→ST), or select cells → the tiles whose histology matches them (ST→HE).
 
 The widget is thin: embeddings, indices, queries and summaries live in
-:mod:`napari_sigmma.analysis.retrieve`. Embeddings come from the live engine
-(:class:`~napari_sigmma.analysis.engine.EmbeddingEngine`): the one the main dock's live view
+:mod:`napari_sigmma.retrieval.query`. Embeddings come from the live engine
+(:class:`~napari_sigmma.live.engine.EmbeddingEngine`): the one the main dock's live view
 uses (``Use live model``), or one built here from a checkpoint. ``Encode whole slide`` encodes
 every tile in a worker (cached tiles cost nothing); tiles the live view encodes are picked up
 as they are shown. Each slide's embeddings are saved as ``retrieval.npz`` in the engine's
@@ -34,8 +34,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_sigmma.analysis.retrieval import IVF_MIN_SIZE
-from napari_sigmma.analysis.retrieve import (
+from napari_sigmma.errors import SigmmaError
+from napari_sigmma.io import release_thread_dask_pool, slide_name
+from napari_sigmma.retrieval.index import IVF_MIN_SIZE
+from napari_sigmma.retrieval.query import (
     RETRIEVAL_FILE,
     Match,
     RetrievalStore,
@@ -46,13 +48,11 @@ from napari_sigmma.analysis.retrieve import (
     tile_of_cells,
     top_genes,
 )
-from napari_sigmma.errors import SigmmaError
-from napari_sigmma.io import release_thread_dask_pool
 
 if TYPE_CHECKING:
     import napari
 
-    from napari_sigmma.analysis.engine import EmbeddingEngine
+    from napari_sigmma.live.engine import EmbeddingEngine
 
 RESULTS_LAYER = "SIGMMA retrieval"
 COLUMNS = ("rank", "similarity", "slide", "location (µm)", "cell types", "top genes")
@@ -82,14 +82,16 @@ def find_live_controller(viewer: Any) -> Any | None:
 def _load_engine(checkpoint: str, sdata_path: str, device: str, cancel: Any = None) -> Any:
     """Worker: the run's engine on the slide at ``sdata_path`` (disk cache next to the data);
     ``cancel`` is checked between the steps."""
-    from napari_sigmma.analysis.liverun import load_live_run
-    from napari_sigmma.analysis.tilecache import default_cache_root
     from napari_sigmma.errors import check_cancel
     from napari_sigmma.io import load_any
+    from napari_sigmma.live.cache import default_cache_root
+    from napari_sigmma.live.run import load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
 
     run = load_live_run(checkpoint, cancel=cancel)
-    paired = PairedSlide.from_sdata(load_any(sdata_path, cancel=cancel), name=Path(sdata_path).name)
+    paired = PairedSlide.from_sdata(
+        load_any(sdata_path, cancel=cancel), name=slide_name(sdata_path)
+    )
     check_cancel(cancel)
     return run, run.engine(paired, device=device, cache_dir=default_cache_root(sdata_path))
 
@@ -99,15 +101,15 @@ def _reference_steps(engine: Any, path: str, cancel: threading.Event):
     slide and encode every tile with ``engine``'s model, yielding ``(text, done, total)``
     per batch; returns ``(name, paired, grid, results)``. A set ``cancel`` stops it between
     batches (raising :class:`~napari_sigmma.errors.Cancelled`)."""
-    from napari_sigmma.analysis.engine import EmbeddingEngine
-    from napari_sigmma.analysis.tilecache import default_cache_root
     from napari_sigmma.errors import check_cancel
     from napari_sigmma.io import load_any
+    from napari_sigmma.live.cache import default_cache_root
+    from napari_sigmma.live.engine import EmbeddingEngine
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
 
     yield f"Reading reference {path}…", 0, 0
-    paired = PairedSlide.from_sdata(load_any(path, cancel=cancel), name=Path(path).name)
+    paired = PairedSlide.from_sdata(load_any(path, cancel=cancel), name=slide_name(path))
     g = engine.grid
     grid = make_tile_grid(paired, tile_px=g.tile_px, target_mpp=g.target_mpp)
     check_cancel(cancel)
@@ -630,7 +632,7 @@ class RetrievalWidget(QWidget):
         cells = np.asarray(cells, dtype=np.int64)
         if cells.size == 0:
             raise SigmmaError("no cells selected: draw a shape over cells, or select points")
-        from napari_sigmma.analysis.retrieve import cell_tiles
+        from napari_sigmma.retrieval.query import cell_tiles
 
         loc = cell_tiles(self.engine.paired, self.engine.grid)[cells]
         self._ensure_encoded(sorted({int(t) for t in loc if t >= 0}))

@@ -33,12 +33,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_sigmma.constants import SCALES
 from napari_sigmma.device import DEVICE_CHOICES
 
 if TYPE_CHECKING:
     import napari
 
-SCALES = ("micro", "meso", "macro")
 BACKBONES = ("efficientnet_lite0", "vit_tiny", "vit_small", "resnet50", "uni", "uni2-h")
 
 

@@ -1,0 +1,85 @@
+"""``napari-sigmma embed``: a trained model over one slide, or a folder of slides on dask."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from napari_sigmma.embed.folder import _say, embed_folder, embed_slide_to_zarr
+from napari_sigmma.errors import Cancelled
+from napari_sigmma.train.checkpoint import resolve_checkpoint
+from napari_sigmma.train.data import expand_data
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry of ``napari-sigmma embed``.
+
+    One slide is embedded here. A folder of slides is distributed over dask.distributed
+    workers, one slide per task (a local cluster of processes by default, or the scheduler
+    at ``--scheduler``); each streams its own ``.zarr`` under ``<out>.parts/`` and the parts'
+    element folders are moved into ``--out``.
+    """
+    import shutil
+
+    from napari_sigmma.io.store import merge_stores
+    from napari_sigmma.train.trainer import load_checkpoint
+
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    load_checkpoint(ckpt_path)  # a bad checkpoint fails here, before any worker starts
+    device = getattr(args, "device", None) or "auto"
+    paths = expand_data(args.data)
+    out = Path(args.out)
+    cancel = getattr(args, "cancel", None) or threading.Event()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            _say("stopping (the dask tasks are cancelled); Ctrl-C again to abort")
+            cancel.set()
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        if len(paths) == 1:
+            written = embed_slide_to_zarr(
+                str(ckpt_path), str(paths[0]), str(out), device=device, cancel=cancel
+            )
+            _say(f"wrote {written}")
+            return 0
+        parts_dir = out.with_name(out.name + ".parts")
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            written_parts = embed_folder(
+                ckpt_path, paths, parts_dir, scheduler=getattr(args, "scheduler", None),
+                device=device, cancel=cancel,
+            )  # fmt: skip
+        except Cancelled:
+            shutil.rmtree(parts_dir, ignore_errors=True)
+            raise
+    except Cancelled:
+        _say("embed cancelled; nothing written")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    # element folders are moved, not loaded: merging many slides' embeddings holds none
+    written = merge_stores(written_parts, out)
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    tables = sorted(t.name for t in (written / "tables").iterdir() if t.is_dir())
+    _say(f"wrote {written}: " + ", ".join(tables))
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Add the ``embed`` subcommand to ``sub``."""
+    e = sub.add_parser("embed", help="embed every tile of a slide (or a folder of slides)")
+    e.add_argument("--data", type=Path, required=True)
+    e.add_argument("--checkpoint", type=Path, required=True)
+    e.add_argument("--out", type=Path, required=True, help="output SpatialData .zarr")
+    e.add_argument("--device", default=None)
+    e.add_argument("--scheduler", help="dask.distributed scheduler address for many slides")
+    e.set_defaults(func=run)
