@@ -125,7 +125,7 @@ def _still_works(viewer) -> None:
 
 # -- analysis: no Qt --------------------------------------------------------------------------
 def _structured_results(n_tiles: int = 60, d: int = 16, seed: int = 0):
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
 
     rng = np.random.default_rng(seed)
     out = []

@@ -32,7 +32,7 @@ from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import CancelLike, SigmmaError, check_cancel
 
 if TYPE_CHECKING:
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
 
 HE_KEYS = tuple(f"he_{s}" for s in SCALES)
 CELL_KEYS = tuple(f"cells_{s}" for s in SCALES)

@@ -27,7 +27,7 @@ from napari_sigmma.errors import SigmmaError
 from napari_sigmma.files import atomic_savez
 
 if TYPE_CHECKING:
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 

@@ -35,7 +35,7 @@ from napari_sigmma.retrieval.index import IVF_MIN_SIZE, EmbeddingIndex
 
 if TYPE_CHECKING:
     from napari_sigmma.embed.memory import TileEmbeddings
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 

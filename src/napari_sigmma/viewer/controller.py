@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from napari_sigmma.analysis.clusters import ClusterSet
     from napari_sigmma.analysis.genehead import GeneHead
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
     from napari_sigmma.live.engine import EmbeddingEngine
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import napari
 
     from napari_sigmma.analysis.genehead import GeneHead
-    from napari_sigmma.live.cache import TileResult
+    from napari_sigmma.embed.result import TileResult
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
