@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from napari_sigmma.analysis.genehead import GeneHead
     from napari_sigmma.tiles.dataset import GraphSettings
     from napari_sigmma.tiles.features import NodeFeaturizer
+    from napari_sigmma.tiles.graphs import TileCells
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
@@ -95,7 +96,7 @@ class PreparedBatch:
 
     indices: list[int]
     images: np.ndarray  # (B, S, S, 3) uint8
-    cells: list[Any]  # TileCells per tile
+    cells: list[TileCells]  # per tile, from the one tile-graph builder
     graph: Any | None  # PyG Batch of the tiles with enough cells
     graph_tiles: list[int]  # positions (in ``indices``) of the tiles in ``graph``
     seconds: float = 0.0
@@ -363,35 +364,17 @@ class EmbeddingEngine:
                 )
 
     def prepare(self, indices: Sequence[int]) -> PreparedBatch:
-        """Read the tiles and build their cell graphs (CPU work, no model)."""
-        from napari_sigmma.tiles.graphs import local_positions, patch_indices, tile_graph
+        """Read the tiles and build their cell graphs (CPU work, no model) with the tile-graph
+        builder training uses (:meth:`~napari_sigmma.tiles.dataset.GraphSettings.build`)."""
         from napari_sigmma.tiles.grid import read_tile
 
         t0 = time.perf_counter()
         self._ensure_cells()
         idx = [int(i) for i in indices]
         images = np.stack([read_tile(self.paired, self.grid, i) for i in idx])
-        gs = self.graph_settings
-        cells = []
-        for i in idx:
-            c = self._per_tile[i]  # type: ignore[index]
-            pos = local_positions(self.paired.cells_px[c], self.grid.bounds[i])
-            micro, meso = patch_indices(pos)
-            ei = (
-                tile_graph(
-                    pos * self.grid.tile_um,
-                    method=gs.method,
-                    k=gs.k,
-                    radius=gs.radius_um,
-                    max_dist=gs.max_dist_um,
-                )
-                if c.size >= 2
-                else np.zeros((2, 0), dtype=np.int64)
-            )
-            cells.append(
-                {"cells": c, "pos": pos.astype(np.float32), "micro": micro, "meso": meso,
-                 "edge_index": ei, "valid": c.size >= max(int(gs.min_cells), 1)}
-            )  # fmt: skip
+        cells = self.graph_settings.build(
+            self.paired, self.grid, indices=np.asarray(idx, np.int64), per_tile=self._per_tile
+        )
         graph, graph_tiles = None, []
         if self.uses_graph:
             graph, graph_tiles = self._graph_batch(idx, cells)
@@ -399,33 +382,21 @@ class EmbeddingEngine:
         self.stats.prepare_seconds += dt
         return PreparedBatch(idx, images, cells, graph, graph_tiles, dt)
 
-    def _graph_batch(self, idx: list[int], cells: list[dict]) -> tuple[Any, list[int]]:
-        import torch
+    def _graph_batch(self, idx: list[int], cells: list[TileCells]) -> tuple[Any, list[int]]:
         from torch_geometric.data import Batch
 
-        from napari_sigmma.tiles.dataset import TileData
+        from napari_sigmma.tiles.dataset import tile_data
         from napari_sigmma.tiles.features import tile_gene_vectors
 
         data, where = [], []
         for k, (i, c) in enumerate(zip(idx, cells, strict=True)):
-            if not c["valid"]:
+            if not c.valid:
                 continue
             if self._counts is not None:
-                gv = tile_gene_vectors(self._counts, [c["cells"]], self.featurizer.target_sum)
+                gv = tile_gene_vectors(self._counts, [c.cells], self.featurizer.target_sum)
             else:
                 gv = np.zeros((1, len(self.featurizer.genes)), np.float32)
-            data.append(
-                TileData(
-                    x=torch.from_numpy(np.ascontiguousarray(self._node_x[c["cells"]])),
-                    edge_index=torch.from_numpy(np.ascontiguousarray(c["edge_index"])),
-                    pos=torch.from_numpy(c["pos"]),
-                    micro=torch.from_numpy(np.ascontiguousarray(c["micro"], dtype=np.int64)),
-                    meso=torch.from_numpy(np.ascontiguousarray(c["meso"], dtype=np.int64)),
-                    genevec=torch.from_numpy(np.ascontiguousarray(gv, dtype=np.float32)),
-                    tile_index=torch.tensor([i], dtype=torch.long),
-                    num_nodes=int(c["cells"].size),
-                )
-            )
+            data.append(tile_data(c, self._node_x, gv, index=i))
             where.append(k)
         if not data:
             return None, []
@@ -456,18 +427,21 @@ class EmbeddingEngine:
         """Run the model on a prepared batch; ``None`` when cancelled between the forwards."""
         import torch
 
-        from napari_sigmma.device import autocast
+        from napari_sigmma.device import autocast, to_device
 
         t0 = time.perf_counter()
         dev = self.device
         with torch.inference_mode(), autocast(dev):
-            imgs = torch.from_numpy(prep.images).permute(0, 3, 1, 2).contiguous().to(dev)
+            # pinned, non-blocking copies (CUDA); the NHWC -> NCHW shuffle runs on the device
+            imgs = to_device(torch.from_numpy(prep.images), dev)
+            imgs = imgs.permute(0, 3, 1, 2).contiguous()
+            graph = to_device(prep.graph, dev) if prep.graph is not None else None
             _, he, crops, att = self.image_forward(imgs)
             if is_cancelled(cancel):
                 return None
             gout = None
-            if prep.graph is not None:
-                gout = self.model.encode_graph(prep.graph.to(dev))
+            if graph is not None:
+                gout = self.model.encode_graph(graph)
         self.stats.forward_batches += 1
         results = self._split(prep, he, crops, att, gout)
         self.stats.encoded_tiles += len(results)
@@ -484,7 +458,6 @@ class EmbeddingEngine:
         att_np = np32(att) if att is not None else None
         out = []
         for k, i in enumerate(prep.indices):
-            c = prep.cells[k]
             out.append(
                 TileResult(
                     tile_id=self.grid.tile_ids[i],
@@ -496,7 +469,6 @@ class EmbeddingEngine:
                     cell_micro=np.zeros(0, np.int64),
                 )
             )
-            out[-1]._cells = c  # type: ignore[attr-defined]
         if gout is not None:
             self._split_graph(prep, out, gout)
         for r in out:
@@ -508,7 +480,7 @@ class EmbeddingEngine:
         ptr = np.concatenate([[0], np.cumsum(np.bincount(b, minlength=len(prep.graph_tiles)))])
         emb = {s: v.detach().float().cpu().numpy() for s, v in gout.emb.items()}
         nodes = {s: v.detach().float().cpu().numpy() for s, v in gout.nodes.items()}
-        cells_cat = np.concatenate([prep.cells[k]["cells"] for k in prep.graph_tiles])
+        cells_cat = np.concatenate([prep.cells[k].cells for k in prep.graph_tiles])
         edges: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for s, (ei, p) in gout.edges.items():
             ei = ei.detach().cpu()
@@ -522,8 +494,8 @@ class EmbeddingEngine:
             lo, hi = int(ptr[g]), int(ptr[g + 1])
             r.st = {s: emb[s][g] for s in emb}
             r.nodes = {s: nodes[s][lo:hi] for s in nodes}
-            r.cell_index = np.asarray(c["cells"], dtype=np.int64)
-            r.cell_micro = np.asarray(c["micro"], dtype=np.int64)
+            r.cell_index = np.asarray(c.cells, dtype=np.int64)
+            r.cell_micro = np.asarray(c.micro, dtype=np.int64)
             r.edges = {}
             for s, (ei, p, owner) in edges.items():
                 m = owner == g

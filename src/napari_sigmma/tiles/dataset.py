@@ -75,6 +75,47 @@ class GraphSettings:
     max_dist_um: float | None = None
     min_cells: int = 3
 
+    def build(
+        self,
+        paired: PairedSlide,
+        grid: TileGrid,
+        *,
+        indices: np.ndarray | None = None,
+        per_tile: list[np.ndarray] | None = None,
+    ) -> list[TileCells]:
+        """:func:`~napari_sigmma.tiles.graphs.build_tile_cells` with these settings."""
+        from napari_sigmma.tiles.graphs import build_tile_cells
+
+        return build_tile_cells(
+            paired,
+            grid,
+            method=self.method,
+            k=self.k,
+            radius_um=self.radius_um,
+            max_dist_um=self.max_dist_um,
+            min_cells=self.min_cells,
+            indices=indices,
+            per_tile=per_tile,
+        )
+
+
+def tile_data(cells: TileCells, node_x: np.ndarray, genevec: np.ndarray, *, index: int) -> Any:
+    """The PyG ``TileData`` of one tile: node features of its cells, its proximity graph,
+    positions, patch indices and ``(1, G)`` gene vector; ``tile_index`` is ``index``."""
+    import torch
+
+    cls = _tile_data_class()
+    return cls(
+        x=torch.from_numpy(np.ascontiguousarray(node_x[cells.cells], dtype=np.float32)),
+        edge_index=torch.from_numpy(np.ascontiguousarray(cells.edge_index, dtype=np.int64)),
+        pos=torch.from_numpy(np.ascontiguousarray(cells.pos, dtype=np.float32)),
+        micro=torch.from_numpy(np.ascontiguousarray(cells.micro, dtype=np.int64)),
+        meso=torch.from_numpy(np.ascontiguousarray(cells.meso, dtype=np.int64)),
+        genevec=torch.from_numpy(np.ascontiguousarray(genevec, dtype=np.float32).reshape(1, -1)),
+        tile_index=torch.tensor([index], dtype=torch.long),
+        num_nodes=int(cells.cells.size),
+    )
+
 
 @dataclass
 class SlideTiles:
@@ -181,21 +222,10 @@ class SlideTiles:
 
     def tile_data(self, i: int, *, index: int | None = None) -> Any:
         """The PyG ``TileData`` of tile ``i`` (needs :meth:`set_features` first)."""
-        import torch
-
         if self.node_x is None or self.genevec is None:
             raise RuntimeError("call set_features() before building tile graphs")
-        c = self.cells[i]
-        cls = _tile_data_class()
-        return cls(
-            x=torch.from_numpy(np.ascontiguousarray(self.node_x[c.cells], dtype=np.float32)),
-            edge_index=torch.from_numpy(np.ascontiguousarray(c.edge_index, dtype=np.int64)),
-            pos=torch.from_numpy(np.ascontiguousarray(c.pos, dtype=np.float32)),
-            micro=torch.from_numpy(np.ascontiguousarray(c.micro, dtype=np.int64)),
-            meso=torch.from_numpy(np.ascontiguousarray(c.meso, dtype=np.int64)),
-            genevec=torch.from_numpy(np.ascontiguousarray(self.genevec[i : i + 1])),
-            tile_index=torch.tensor([i if index is None else index], dtype=torch.long),
-            num_nodes=int(c.cells.size),
+        return tile_data(
+            self.cells[i], self.node_x, self.genevec[i], index=i if index is None else index
         )
 
 
@@ -209,21 +239,12 @@ def prepare_slide(
     grid: TileGrid | None = None,
 ) -> SlideTiles:
     """Grid the slide and build the cells and graph of every tissue tile."""
-    from napari_sigmma.tiles.graphs import build_tile_cells
     from napari_sigmma.tiles.grid import make_tile_grid
 
     settings = settings or GraphSettings()
     if grid is None:
         grid = make_tile_grid(paired, tile_px=tile_px, target_mpp=target_mpp, min_tissue=min_tissue)
-    cells = build_tile_cells(
-        paired,
-        grid,
-        method=settings.method,
-        k=settings.k,
-        radius_um=settings.radius_um,
-        max_dist_um=settings.max_dist_um,
-        min_cells=settings.min_cells,
-    )
+    cells = settings.build(paired, grid)
     return SlideTiles(paired=paired, grid=grid, cells=cells, settings=settings)
 
 

@@ -185,13 +185,17 @@ def build_tile_cells(
     max_dist_um: float | None = None,
     min_cells: int = 3,
     indices: np.ndarray | None = None,
+    per_tile: list[np.ndarray] | None = None,
 ) -> list[TileCells]:
     """Cells, positions, patch indices and proximity graph of every tile (or ``indices``).
 
-    Distances (``radius_um``, ``max_dist_um``) are in µm, so graphs do not depend on the
-    slide's resolution.
+    The one tile-graph builder: training, embedding and the live view all call it. Distances
+    (``radius_um``, ``max_dist_um``) are in µm, so graphs do not depend on the slide's
+    resolution. ``per_tile`` (:func:`cells_per_tile` of this grid) may be passed by callers
+    that build a few tiles at a time, so the cells are assigned to tiles once.
     """
-    per_tile = cells_per_tile(paired.cells_px, grid)
+    if per_tile is None:
+        per_tile = cells_per_tile(paired.cells_px, grid)
     idx = np.arange(len(grid)) if indices is None else np.asarray(indices, dtype=np.int64)
     out: list[TileCells] = []
     tile_um = grid.tile_um
