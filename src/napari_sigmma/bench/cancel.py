@@ -12,7 +12,7 @@ worker processes shut down), for
 - **embed**: :func:`~napari_sigmma.embed.memory.embed_tiles` (one batch), and
   ``napari-sigmma embed`` over a folder on a local dask.distributed cluster
   (:func:`~napari_sigmma.embed.folder.embed_folder`: futures cancelled, cluster closed);
-- **train**: :func:`~napari_sigmma.train.trainer.train` (one optimiser step, then the
+- **train**: :func:`~napari_sigmma.train.loop.train` (one optimiser step, then the
   checkpoint it writes on cancel);
 - **cluster**: :func:`~napari_sigmma.analysis.clusters.fit_clusters` (one of six fits);
 - **retrieve**: the whole-slide encode that fills the retrieval index
@@ -127,23 +127,11 @@ def cold_load_cancel(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def time_cold_load(path: str | os.PathLike[str], *, timeout: float = 600.0) -> dict[str, Any]:
     """:func:`cold_load_cancel` in a fresh Python process (so the imports are first-time)."""
-    import subprocess
-    import sys
+    from napari_sigmma.bench.host import run_module_json
 
-    code = (
-        "import json, sys; from napari_sigmma.bench.cancel import cold_load_cancel; "
-        "print(json.dumps(cold_load_cancel(sys.argv[1])))"
+    return run_module_json(
+        "napari_sigmma.bench.cancel", path, timeout=timeout, what="cold-load cancel child"
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"the cold-load cancel child failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _tiny_train_config(sample: Path, run_dir: Path, cache: Path) -> Any:
@@ -203,7 +191,7 @@ def measure_cancel_analysis(
     from napari_sigmma.io import load_any
     from napari_sigmma.live.run import load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     out: dict[str, dict[str, Any]] = {}
     # warm the readers and the model once (first imports are not what a cancel waits for)
@@ -399,3 +387,9 @@ def format_cancel_report(r: dict[str, Any]) -> str:
                 f"{gone})"
             )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child of :func:`time_cold_load`
+    import sys
+
+    print(json.dumps(cold_load_cancel(sys.argv[1])))

@@ -63,3 +63,24 @@ def ensure_display(screen: str = "1400x1000x24") -> Any:
             time.sleep(0.1)
         proc.terminate()
     return None
+
+
+def run_module_json(
+    module: str, *args: object, timeout: float | None = None, what: str = "child"
+) -> dict[str, Any]:
+    """Run ``python -m module args…`` in a fresh process and return the JSON object its last
+    stdout line holds (the benchmarks' children measure first-time imports and their own
+    RSS). A failing child raises ``RuntimeError`` with the end of its stderr."""
+    import json
+    import subprocess
+
+    res = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"the {what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])

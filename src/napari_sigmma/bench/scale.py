@@ -4,7 +4,9 @@ Two measurements:
 
 - **Retrieval at scale**: top-10 cosine queries against ``n_embeddings`` (default
   1,000,000) stored 128-d embeddings in :class:`~napari_sigmma.retrieval.index.
-  EmbeddingIndex` (added as 10 slides; its IVF trained explicitly and timed), twice: on
+  EmbeddingIndex` (faiss IVF-Flat; added as 10 slides; its IVF trained explicitly and
+  timed) and, side by side on the same data and queries, in the hand-written numpy IVF it
+  replaced (:mod:`napari_sigmma.bench.ivf_numpy`), twice: on
   tile-like clustered embeddings (:func:`clustered_embeddings`) and on isotropic Gaussian
   noise (the worst case for an approximate index). 200 fresh queries are timed as default
   (IVF) queries, then again with ``exact=True``, so both latencies and the IVF's recall@10
@@ -49,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_sigmma.bench.host import peak_rss_mb, rss_mb
+from napari_sigmma.bench.host import peak_rss_mb, rss_mb, run_module_json
 
 
 def clustered_embeddings(
@@ -114,8 +116,11 @@ def retrieval_scale(
     n_slides: int = 10,
     seed: int = 0,
     ivf_min_size: int | None = None,
+    compare_numpy: bool = True,
 ) -> dict[str, Any]:
-    """Top-``k`` query latency and recall over ``n_embeddings`` stored embeddings.
+    """Top-``k`` query latency and recall over ``n_embeddings`` stored embeddings, for the
+    retrieval index (faiss IVF-Flat) and, side by side on the same data and queries, the
+    hand-written numpy IVF it replaced (:mod:`napari_sigmma.bench.ivf_numpy`).
 
     Parameters
     ----------
@@ -126,95 +131,118 @@ def retrieval_scale(
     ivf_min_size
         Passed to :class:`~napari_sigmma.retrieval.index.EmbeddingIndex` (``None``: its
         default).
+    compare_numpy
+        Also measure the numpy IVF (``"numpy_ivf"`` in the result).
 
     Returns
     -------
     dict
-        ``median_ms``/``p99_ms``: default queries (the IVF when the index is big enough);
-        ``exact_median_ms``/``exact_p99_ms``: ``exact=True`` on the same queries (a second
-        pass); ``recall_at_k``: mean overlap of the two top-``k`` sets;
-        ``build_seconds`` (IVF training), ``add_seconds``, ``n_lists``, ``nprobe``, and the
-        median cosine of the exact 1st and ``k``-th match (how tight the data is).
+        For the faiss index: ``median_ms``/``p99_ms``: default queries (the IVF when the
+        index is big enough); ``exact_median_ms``/``exact_p99_ms``: ``exact=True`` on the
+        same queries (numpy; a second pass); ``recall_at_k``: mean overlap of the two
+        top-``k`` sets; ``build_seconds`` (IVF training and adding), ``add_seconds``,
+        ``n_lists``, ``nprobe``, and the median cosine of the exact 1st and ``k``-th match
+        (how tight the data is). ``"numpy_ivf"``: the same figures of the numpy IVF (its
+        recall against the same exact top-``k``).
     """
+    from napari_sigmma.bench.ivf_numpy import NumpyIVFIndex
     from napari_sigmma.retrieval.index import IVF_MIN_SIZE, EmbeddingIndex
 
     if data not in ("clustered", "gaussian"):
         raise ValueError(f"data must be 'clustered' or 'gaussian', not {data!r}")
     mix = _Mixture(dim, *_MIXTURE, seed) if data == "clustered" else None
-    rng = np.random.default_rng(seed)
 
     def draw(n: int, part: int) -> np.ndarray:
         if mix is not None:
             return mix.draw(n, part)
-        return rng.standard_normal((n, dim), dtype=np.float32)
+        return np.random.default_rng([seed, part]).standard_normal((n, dim), dtype=np.float32)
 
     min_size = IVF_MIN_SIZE if ivf_min_size is None else ivf_min_size
-    index = EmbeddingIndex(dim, use_faiss=False, ivf_min_size=min_size, seed=seed)
-    per = n_embeddings // n_slides
-    t_add = 0.0
-    for s in range(n_slides):
-        n = per if s < n_slides - 1 else n_embeddings - per * (n_slides - 1)
-        emb = draw(n, s)
-        t0 = time.perf_counter()
-        index.add(f"slide{s:02d}", np.arange(n), emb)
-        t_add += time.perf_counter() - t0
-        del emb
-    build = index.build_ivf() if len(index) >= min_size else 0.0
     queries = draw(n_queries + 1, 999)
-    index.query(queries[0], k=k)  # warm-up (concatenates the appended chunks when exact)
-    index.query(queries[0], k=k, exact=True)
-    # two passes over the same queries (a pass per mode, as a user's stream of queries
-    # would be: interleaving them would let each exact scan evict the IVF's lists)
-    t_ivf, t_exact, found, truths = [], [], [], []
-    for q in queries[1:]:
-        t0 = time.perf_counter()
-        found.append(index.query(q, k=k))
-        t_ivf.append(time.perf_counter() - t0)
-    for q in queries[1:]:
-        t0 = time.perf_counter()
-        truths.append(index.query(q, k=k, exact=True))
-        t_exact.append(time.perf_counter() - t0)
-    assert all(len(h) == k for h in found) and all(len(t) == k for t in truths)
-    recall = [
-        len({h[:2] for h in hits} & {h[:2] for h in truth}) / k
-        for hits, truth in zip(found, truths, strict=True)
-    ]
+    per = n_embeddings // n_slides
+
+    def measure(make: Any, truths: list | None) -> tuple[dict[str, Any], list]:
+        index = make(dim, use_faiss=False, ivf_min_size=min_size, seed=seed)
+        t_add = 0.0
+        for s in range(n_slides):
+            n = per if s < n_slides - 1 else n_embeddings - per * (n_slides - 1)
+            emb = draw(n, s)
+            t0 = time.perf_counter()
+            index.add(f"slide{s:02d}", np.arange(n), emb)
+            t_add += time.perf_counter() - t0
+            del emb
+        build = index.build_ivf() if len(index) >= min_size else 0.0
+        index.query(queries[0], k=k)  # warm-up (concatenates the appended chunks when exact)
+        index.query(queries[0], k=k, exact=True)
+        # two passes over the same queries (a pass per mode, as a user's stream of queries
+        # would be: interleaving them would let each exact scan evict the IVF's lists)
+        t_ivf, t_exact, found = [], [], []
+        for q in queries[1:]:
+            t0 = time.perf_counter()
+            found.append(index.query(q, k=k))
+            t_ivf.append(time.perf_counter() - t0)
+        if truths is None:
+            truths = []
+            for q in queries[1:]:
+                t0 = time.perf_counter()
+                truths.append(index.query(q, k=k, exact=True))
+                t_exact.append(time.perf_counter() - t0)
+        assert all(len(h) == k for h in found) and all(len(t) == k for t in truths)
+        recall = [
+            len({h[:2] for h in hits} & {h[:2] for h in truth}) / k
+            for hits, truth in zip(found, truths, strict=True)
+        ]
+        ms = np.asarray(t_ivf) * 1e3
+        out = {
+            "backend": "ivf" if index.is_ivf else "exact",
+            "n_embeddings": len(index),
+            "n_lists": index.ivf_lists,
+            "nprobe": index.effective_nprobe if index.is_ivf else 0,
+            "add_seconds": round(t_add, 3),
+            "build_seconds": round(build, 2),
+            "median_ms": round(float(np.median(ms)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "recall_at_k": round(float(np.mean(recall)), 4),
+            "recall_min": round(float(np.min(recall)), 2),
+        }
+        if t_exact:
+            exact_ms = np.asarray(t_exact) * 1e3
+            out["exact_median_ms"] = round(float(np.median(exact_ms)), 2)
+            out["exact_p99_ms"] = round(float(np.percentile(exact_ms, 99)), 2)
+        del index
+        return out, truths
+
+    result, truths = measure(EmbeddingIndex, None)
     top1 = [truth[0][2] for truth in truths]
     topk = [truth[-1][2] for truth in truths]
-    ms, exact_ms = np.asarray(t_ivf) * 1e3, np.asarray(t_exact) * 1e3
-    return {
-        "data": data,
-        "n_embeddings": len(index),
-        "dim": dim,
-        "k": k,
-        "n_queries": n_queries,
-        "backend": "ivf" if index.is_ivf else "exact",
-        "n_lists": index.ivf_lists,
-        "nprobe": index.effective_nprobe if index.is_ivf else 0,
-        "add_seconds": round(t_add, 3),
-        "build_seconds": round(build, 2),
-        "median_ms": round(float(np.median(ms)), 2),
-        "p99_ms": round(float(np.percentile(ms, 99)), 2),
-        "exact_median_ms": round(float(np.median(exact_ms)), 2),
-        "exact_p99_ms": round(float(np.percentile(exact_ms, 99)), 2),
-        "recall_at_k": round(float(np.mean(recall)), 4),
-        "recall_min": round(float(np.min(recall)), 2),
-        "top1_cos_median": round(float(np.median(top1)), 3),
-        "topk_cos_median": round(float(np.median(topk)), 3),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
-    }
+    result = {"data": data, "dim": dim, "k": k, "n_queries": n_queries, **result}
+    result["top1_cos_median"] = round(float(np.median(top1)), 3)
+    result["topk_cos_median"] = round(float(np.median(topk)), 3)
+    if compare_numpy:
+        result["numpy_ivf"], _ = measure(NumpyIVFIndex, truths)
+    result["load_avg_1min"] = round(os.getloadavg()[0], 2)
+    return result
 
 
 def _retrieval_line(r: dict[str, Any]) -> str:
     head = f"retrieval [{r['data']}] top-{r['k']} over {r['n_embeddings']:,} x {r['dim']}-d"
     if r["backend"] != "ivf":
         return f"{head} (exact): median {r['median_ms']} ms, p99 {r['p99_ms']} ms"
-    return (
-        f"{head}: IVF ({r['n_lists']} lists, nprobe {r['nprobe']}, built in "
-        f"{r['build_seconds']} s) median {r['median_ms']} ms, p99 {r['p99_ms']} ms; "
-        f"exact median {r['exact_median_ms']} ms, p99 {r['exact_p99_ms']} ms; "
-        f"recall@{r['k']} vs exact {r['recall_at_k']:.3f} (min {r['recall_min']}) over "
-        f"{r['n_queries']} queries; exact top-1/top-{r['k']} cosine "
+    line = (
+        f"{head}: faiss IVF ({r['n_lists']} lists, nprobe {r['nprobe']}, built in "
+        f"{r['build_seconds']} s) median {r['median_ms']} ms, p99 {r['p99_ms']} ms, "
+        f"recall@{r['k']} {r['recall_at_k']:.3f} (min {r['recall_min']})"
+    )
+    o = r.get("numpy_ivf")
+    if o is not None and o["backend"] == "ivf":
+        line += (
+            f"; numpy IVF ({o['n_lists']} lists, nprobe {o['nprobe']}, built in "
+            f"{o['build_seconds']} s) median {o['median_ms']} ms, p99 {o['p99_ms']} ms, "
+            f"recall@{r['k']} {o['recall_at_k']:.3f} (min {o['recall_min']})"
+        )
+    return line + (
+        f"; exact (numpy) median {r['exact_median_ms']} ms, p99 {r['exact_p99_ms']} ms; "
+        f"recall vs exact over {r['n_queries']} queries; exact top-1/top-{r['k']} cosine "
         f"{r['top1_cos_median']}/{r['topk_cos_median']}; load {r['load_avg_1min']}"
     )
 
@@ -380,17 +408,11 @@ def slide_memory(
     path = Path(path)
     info["slide"] = str(path)
     info["file_mb"] = round(path.stat().st_size / 2**20, 1)
-    code = (
-        "import json, sys; from napari_sigmma.bench.scale import read_regions; "
-        "print(json.dumps(read_regions(sys.argv[1], int(sys.argv[2]))))"
+    info.update(
+        run_module_json(
+            "napari_sigmma.bench.scale", "read_regions", path, int(n_regions), what="read child"
+        )
     )
-    res = subprocess.run(
-        [sys.executable, "-c", code, str(path), str(n_regions)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    info.update(json.loads(res.stdout.strip().splitlines()[-1]))
     if "slide_px" not in info:
         from napari_sigmma.io.wsi import open_slide
 
@@ -421,8 +443,12 @@ def stream_embed_figures(data: str, checkpoint: str, n_tiles: int, out: str) -> 
     from napari_sigmma.io import load_any
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
+    from napari_sigmma.train.checkpoint import (
+        graph_settings,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(checkpoint)
@@ -517,21 +543,10 @@ def embed_memory(
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import json, sys; from napari_sigmma.bench.scale import stream_embed_figures; "
-        "print(json.dumps(stream_embed_figures(sys.argv[1], sys.argv[2], int(sys.argv[3]), "
-        "sys.argv[4])))"
-    )
     runs = []
     for n in n_tiles:
-        res = subprocess.run(
-            [sys.executable, "-c", code, str(data), str(checkpoint), str(int(n)),
-             str(workdir / f"embed_{int(n)}.zarr")],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if res.returncode != 0:
-            raise RuntimeError(f"the embed benchmark failed:\n{res.stderr[-3000:]}")
-        runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        args = ("stream_embed_figures", data, checkpoint, int(n), workdir / f"embed_{int(n)}.zarr")
+        runs.append(run_module_json("napari_sigmma.bench.scale", *args, what="embed benchmark"))
     first, last = runs[0], runs[-1]
     dim = first["embed_dim"]
     held = {
@@ -635,6 +650,7 @@ def run_scale_bench(
     seed: int = 0,
     embed_data: str | os.PathLike[str] | None = None,
     embed_tiles: tuple[int, ...] | None = None,
+    retrieval_only: bool = False,
 ) -> dict[str, Any]:
     """The scale figures; prints them and writes ``<out>/scale_bench.json``.
 
@@ -660,17 +676,20 @@ def run_scale_bench(
     embed_tiles
         Tile counts of the embed figure (default ``(200, 800)`` on the default bundle,
         ``(1000, 4000)`` on a given one; empty: skip it).
+    retrieval_only
+        Measure the retrieval figures only.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "retrieval": retrieval_scale(n_embeddings, data="clustered"),
-        "retrieval_gaussian": retrieval_scale(n_embeddings, data="gaussian"),
-        "slide_memory": slide_memory(out / "scale_slide", slide_px, n_regions, path=slide),
-    }
+    result: dict[str, Any] = {}
+    for key, data in (("retrieval", "clustered"), ("retrieval_gaussian", "gaussian")):
+        result[key] = retrieval_scale(n_embeddings, data=data)
+        print(_retrieval_line(result[key]), flush=True)
+    if retrieval_only:
+        (out / "scale_bench.json").write_text(json.dumps(result, indent=2))
+        return result
+    result["slide_memory"] = slide_memory(out / "scale_slide", slide_px, n_regions, path=slide)
     m = result["slide_memory"]
-    print(_retrieval_line(result["retrieval"]))
-    print(_retrieval_line(result["retrieval_gaussian"]))
     print(
         f"big slide {m['slide_px']:,}² px ({m['file_mb']} MB, {m['levels']} levels): "
         f"{m['n_regions']} random {m['region_px']}-px regions, peak RSS {m['peak_rss_mb']} MB "
@@ -711,3 +730,13 @@ def format_view(v: dict[str, Any]) -> str:
         f"drawn: median {v['median_ms']} ms, p95 {v['p95_ms']} ms; levels shown: {levels}"
         + (f"; {v['timeouts']} TIMEOUTS" if v["timeouts"] else "")
     )
+
+
+if __name__ == "__main__":  # the fresh-process figures (see run_module_json)
+    _figure, *_args = sys.argv[1:]
+    if _figure == "read_regions":
+        print(json.dumps(read_regions(_args[0], int(_args[1]))))
+    elif _figure == "stream_embed_figures":
+        print(json.dumps(stream_embed_figures(_args[0], _args[1], int(_args[2]), _args[3])))
+    else:
+        raise SystemExit(f"unknown figure {_figure!r}")
