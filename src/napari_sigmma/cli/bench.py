@@ -1,4 +1,4 @@
-"""``napari-sigmma bench``: the live, cancel and scale benchmarks."""
+"""``napari-sigmma bench``: the live, cancel, scale and GPU benchmarks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--cancel",
         action="store_true",
         help="cancel latency of load, embed, train, cluster and retrieve (API and widgets)",
+    )
+    b.add_argument(
+        "--gpu",
+        action="store_true",
+        help="device bench: CPU/device parity, UNI / UNI2-h training throughput, live engine "
+        "vs bare forward, DDP, 1M-row retrieval (JSON + summary; exit 1 on any failure)",
+    )
+    b.add_argument(
+        "--device", default="auto", help="with --gpu: auto, cuda, cuda:N or cpu (default auto)"
+    )
+    b.add_argument(
+        "--tiny",
+        action="store_true",
+        help="with --gpu: ViT-Tiny-sized models, a small slide, 20k retrieval rows (CPU test)",
+    )
+    b.add_argument(
+        "--uni",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --gpu: UNI v1 weights (pytorch_model.bin or its folder) instead of random init",
+    )
+    b.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="with --gpu: the device's dense bf16 peak when the built-in table lacks it",
+    )
+    b.add_argument(
+        "--sections",
+        nargs="+",
+        default=None,
+        choices=("parity", "training", "live", "ddp", "retrieval", "gui"),
+        help="with --gpu: run only these sections",
     )
     b.add_argument("--out", type=Path, default=Path("bench_out"))
     b.add_argument(
@@ -42,12 +76,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --scale: tile counts of the embed figure (default 200 800, or 1000 4000 "
         "with --embed-data; none: skip)",
     )
+    b.add_argument(
+        "--embeddings",
+        type=int,
+        default=1_000_000,
+        help="with --scale: stored embeddings of the retrieval figure (default 1,000,000)",
+    )
+    b.add_argument(
+        "--retrieval-only",
+        action="store_true",
+        help="with --scale: only the retrieval figures (faiss IVF, numpy IVF, exact)",
+    )
     b.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``napari-sigmma bench``."""
     out = Path(getattr(args, "out", None) or "bench_out")
+    if getattr(args, "gpu", False):
+        from napari_sigmma.bench.gpu import format_gpu_report, run_gpu_bench
+
+        uni = getattr(args, "uni", None)
+        r = run_gpu_bench(
+            out,
+            device=getattr(args, "device", "auto"),
+            tiny=bool(getattr(args, "tiny", False)),
+            uni=str(uni) if uni else None,
+            peak_tflops=getattr(args, "peak_tflops", None),
+            sections=tuple(args.sections) if getattr(args, "sections", None) else None,
+        )
+        print(format_gpu_report(r))
+        print(f"wrote {out / 'gpu_bench.json'}")
+        return 0 if r["ok"] else 1
     if getattr(args, "scale", False):
         from napari_sigmma.bench.scale import run_scale_bench
 
@@ -60,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
             n_events=1000 if events is None else int(events),
             embed_data=getattr(args, "embed_data", None),
             embed_tiles=None if tiles is None else tuple(tiles),
+            n_embeddings=int(getattr(args, "embeddings", 1_000_000)),
+            retrieval_only=bool(getattr(args, "retrieval_only", False)),
         )
         print(f"wrote {out / 'scale_bench.json'}")
         return 0

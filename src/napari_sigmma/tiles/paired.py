@@ -225,6 +225,52 @@ class SdataImage:
         return np.asarray(lvl[::step, ::step].compute()), self.downsamples[-1] * step
 
 
+class ArrayImage(SdataImage):
+    """The :class:`SdataImage` duck type over in-memory numpy arrays (no dask, no
+    SpatialData): slides made in memory, e.g. by the synthetic generator for benchmarks.
+
+    Parameters
+    ----------
+    levels
+        ``(H, W, 3)`` uint8 array, or a list of them (level 0 first, each coarser).
+    mpp
+        µm per level-0 pixel.
+    """
+
+    def __init__(self, levels: Any, mpp: float, *, path: str | None = None) -> None:
+        arrays = [levels] if isinstance(levels, np.ndarray) else list(levels)
+        if not arrays:
+            raise SigmmaError("an image needs at least one level")
+        checked = []
+        for a in arrays:
+            a = np.asarray(a)
+            if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8:
+                raise SigmmaError(f"image levels must be (H, W, 3) uint8, got {a.shape} {a.dtype}")
+            checked.append(a)
+        self.path = path
+        self.mpp = float(mpp)
+        self.levels = checked
+        h0, w0 = checked[0].shape[:2]
+        self.shape = (int(h0), int(w0))
+        self.downsamples = [float((h0 / a.shape[0] + w0 / a.shape[1]) / 2) for a in checked]
+        self._memory = dict(enumerate(checked))  # always held: read_region slices directly
+        self._direct = {}
+
+    def hold_level(self, level: int, max_bytes: int = 512 * 2**20) -> bool:
+        return True
+
+    def release(self, level: int | None = None) -> None:
+        """Nothing to release: the arrays are the image."""
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        for i, lvl in enumerate(self.levels):
+            if max(lvl.shape[:2]) <= max_side:
+                return lvl, self.downsamples[i]
+        lvl = self.levels[-1]
+        step = math.ceil(max(lvl.shape[:2]) / max_side)
+        return lvl[::step, ::step], self.downsamples[-1] * step
+
+
 @dataclass
 class PairedSlide:
     """An H&E slide and its cells in one pixel frame (H&E level 0).
@@ -396,6 +442,60 @@ class PairedSlide:
             source=path,
         )
 
+    @classmethod
+    def from_arrays(
+        cls,
+        image: Any,
+        he_mpp: float,
+        cells_px: np.ndarray,
+        counts: Any,
+        genes: list[str],
+        *,
+        name: str = "slide",
+        cell_ids: np.ndarray | None = None,
+        obs: pd.DataFrame | None = None,
+        node_features: np.ndarray | None = None,
+    ) -> PairedSlide:
+        """A paired slide from in-memory arrays (no SpatialData, no dask).
+
+        Parameters
+        ----------
+        image
+            ``(H, W, 3)`` uint8 H&E (or a list of pyramid levels), or an :class:`ArrayImage`.
+        he_mpp
+            µm per H&E pixel.
+        cells_px
+            ``(N, 2)`` cell centroids ``(x, y)`` in H&E pixels.
+        counts
+            ``(N, G)`` counts (dense or sparse).
+        genes
+            ``G`` gene names.
+        """
+        import pandas as pd
+        import scipy.sparse as sp
+
+        img = image if isinstance(image, SdataImage) else ArrayImage(image, he_mpp)
+        xy = np.ascontiguousarray(np.asarray(cells_px, dtype=np.float64).reshape(-1, 2))
+        X = sp.csr_matrix(counts, dtype=np.float32)
+        if X.shape[0] != xy.shape[0] or X.shape[1] != len(genes):
+            raise SigmmaError(
+                f"counts {X.shape} do not match {xy.shape[0]} cells × {len(genes)} genes"
+            )
+        n = xy.shape[0]
+        ids = np.asarray([f"cell-{i}" for i in range(n)], dtype=object)
+        return cls(
+            name=str(name),
+            image=img,
+            he_mpp=float(he_mpp),
+            cells_px=xy,
+            counts=X,
+            genes=[str(g) for g in genes],
+            cell_ids=ids if cell_ids is None else np.asarray(cell_ids),
+            obs=pd.DataFrame(index=pd.RangeIndex(n)) if obs is None else obs,
+            node_features=node_features,
+            um_to_he_px=np.diag([1.0 / he_mpp, 1.0 / he_mpp, 1.0]),
+        )
+
     def content_hash(self) -> str:
         """A short hash of what the slide holds (image shape and thumbnail, cells, genes).
 
@@ -408,7 +508,9 @@ class PairedSlide:
             h.update(repr(head).encode())
             coarsest = self.image.levels[-1]
             step = max(1, math.ceil(max(coarsest.shape[:2]) / 256))
-            h.update(np.ascontiguousarray(coarsest[::step, ::step].compute()).tobytes())
+            small = coarsest[::step, ::step]
+            small = small.compute() if hasattr(small, "compute") else small  # dask or numpy
+            h.update(np.ascontiguousarray(small).tobytes())
             h.update(np.round(self.cells_px, 3).tobytes())
             h.update("\n".join(self.genes).encode())
             if self.counts.shape[0]:
