@@ -18,29 +18,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from _train_data import tiny_cfg
+from _embed_data import tiny_embedded_run
 from napari_sigmma.errors import Cancelled, SigmmaError
 
 
 @pytest.fixture(scope="module")
-def model_and_slide(embedded_bundle, tmp_path_factory):
+def model_and_slide(embedded_bundle, sigmma_cache):
     from napari_sigmma.io import load_any
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
-    from napari_sigmma.train.trainer import (
+    from napari_sigmma.train.checkpoint import (
         graph_settings,
         load_checkpoint,
         model_from_checkpoint,
-        train,
     )
 
-    root = tmp_path_factory.mktemp("embedzarr")
-    cfg = tiny_cfg(
-        embedded_bundle, root / "run", root / "features", epochs=1, batch_size=8,
-        grad_accum=1, split_fractions=(1.0, 0.0, 0.0),
-    )  # fmt: skip
-    assert train(cfg).status == "completed"
-    ckpt_path = root / "run" / "checkpoints" / "last.pt"
+    cfg, ckpt_path = tiny_embedded_run(embedded_bundle, sigmma_cache)  # shared, trained once
     ckpt = load_checkpoint(ckpt_path)
     model, featurizer = model_from_checkpoint(ckpt, path=ckpt_path)
     paired = PairedSlide.from_sdata(load_any(embedded_bundle), name="embedded")

@@ -90,3 +90,59 @@ def test_wide_strip_memory_is_one_tile_row_per_level(tmp_path: Path) -> None:
     src = src.astype(np.float64)
     want = np.rint((src[0::2, 0::2] + src[1::2, 0::2] + src[0::2, 1::2] + src[1::2, 1::2]) / 4)
     np.testing.assert_array_equal(region, want.astype(np.uint8))
+
+
+def _he_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    # smooth-ish colour fields with texture: JPEG-realistic, not white noise
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+    base = np.stack([200 + 40 * np.sin(xx / 37.0), 150 + 50 * np.cos(yy / 23.0),
+                     190 + 30 * np.sin((xx + yy) / 51.0)], axis=-1)  # fmt: skip
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("compression", ["jpeg", "zlib"])
+def test_openslide_reads_every_level_pixel_equal_and_ome_is_kept(tmp_path: Path, compression):  # type: ignore[no-untyped-def]
+    """Issue 17: OpenSlide ignores SubIFDs; the writer links the levels into the main IFD
+    chain (sharing their tiles), so OpenSlide sees the pyramid with tifffile's pixels, and
+    the file stays one OME image with a SubIFD pyramid."""
+    import openslide
+    import tifffile
+    from ome_types import from_xml
+
+    from napari_sigmma.samples.tiffwrite import pyramid_shapes, write_pyramidal_ome_tiff
+
+    img = _he_like(1100, 1500)
+    path = write_pyramidal_ome_tiff(
+        tmp_path / "p.ome.tif", img, mpp=0.25, tile=256, compression=compression
+    )
+    plain = write_pyramidal_ome_tiff(
+        tmp_path / "plain.ome.tif", img, mpp=0.25, tile=256, compression=compression,
+        openslide_levels=False,
+    )  # fmt: skip
+    shapes = pyramid_shapes(1100, 1500, tile=256)
+    assert len(shapes) == 4
+    # the levels' tiles are shared, not copied: the file grows by the directories alone
+    assert 0 < path.stat().st_size - plain.stat().st_size < 2048
+
+    with tifffile.TiffFile(path) as tf:
+        assert tf.is_ome and len(tf.series) == 1
+        series = tf.series[0]
+        assert [lvl.shape[:2] for lvl in series.levels] == shapes
+        assert len(tf.pages[0].subifds) == 3  # the OME pyramid is still in SubIFDs
+        ome = from_xml(tf.ome_metadata)  # schema-valid OME-XML
+        assert len(ome.images) == 1
+        assert ome.images[0].pixels.tiff_data_blocks[0].plane_count == 1
+        assert ome.images[0].pixels.physical_size_x == pytest.approx(0.25)
+        want = [lvl.asarray() for lvl in series.levels]
+
+    with openslide.OpenSlide(str(plain)) as s:
+        assert s.level_count == 1  # why the option exists
+    with openslide.OpenSlide(str(path)) as s:
+        assert s.level_count == len(shapes)
+        assert [d[::-1] for d in s.level_dimensions] == shapes
+        assert float(s.properties["openslide.mpp-x"]) == pytest.approx(0.25)
+        for k, (w, h) in enumerate(s.level_dimensions):
+            got = np.asarray(s.read_region((0, 0), k, (w, h)))
+            assert (got[..., 3] == 255).all()
+            np.testing.assert_array_equal(got[..., :3], want[k], err_msg=f"level {k}")

@@ -23,8 +23,26 @@ CROP_SLICES: dict[str, slice] = {
 #: Encoder inputs per tile in paper-exact multi-crop (16 + 4 + 1).
 N_CROPS = 21
 
-#: File suffixes read as whole-slide images (tifffile backend).
-SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff", ".ndpi")
+#: Slide suffixes read with tifffile (the TIFF family: Aperio SVS, pyramidal / OME-TIFF).
+#: A ``.tif`` / ``.tiff`` that OpenSlide recognises as Philips, Ventana or Trestle goes to
+#: OpenSlide instead (``io.wsi.slide_backend`` looks inside).
+TIFF_SLIDE_SUFFIXES: tuple[str, ...] = (".svs", ".tif", ".tiff")
+#: Slide suffixes read with OpenSlide (openslide-python + openslide-bin): formats tifffile
+#: does not read, or not well: Hamamatsu NDPI / VMS / VMU, MIRAX, Leica SCN, Ventana BIF,
+#: Sakura SVSLIDE, DICOM WSI (any ``.dcm`` file of the series), Zeiss CZI.
+OPENSLIDE_SUFFIXES: tuple[str, ...] = (
+    ".ndpi",
+    ".vms",
+    ".vmu",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".svslide",
+    ".dcm",
+    ".czi",
+)
+#: Every file suffix read as a whole-slide image (``io.wsi.open_slide``).
+SLIDE_SUFFIXES: tuple[str, ...] = (*TIFF_SLIDE_SUFFIXES, *OPENSLIDE_SUFFIXES)
 
 #: Suffixes a data path's name drops in its slide name (the trainer's rule, kept because old
 #: ``split.json`` files hold names made by it): ``sample.zarr`` → ``sample``.

@@ -11,6 +11,12 @@ annotated by the table ``"tile_embeddings"`` (obsm ``he_micro``, ``he_meso``, ``
 ``st_micro``, …), and circles ``"cells"`` annotated by ``"cell_embeddings"`` (obsm
 ``st_micro``, …). Geometry is in H&E level-0 pixels with the slide's transformation to
 ``global``, so the elements overlay the original data.
+
+As written (the store layout, docs/INTERFACES.md "Embedding store"): shapes have an integer
+index ``0..n-1`` (napari-spatialdata turns it into layer indices with ``int()``) and keep
+the tile / cell id as a column; the tables' ``instance_id`` column matches that index;
+text columns with few values (``slide``, ``cell_type``) are pandas categoricals; every
+stored embedding row is L2-normalised (:data:`EMBEDDING_NORM`; NaN rows stay NaN).
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ import numpy as np
 
 from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
+
+#: How stored embeddings are normalised (recorded in ``uns["sigmma"]["embedding_norm"]``): the
+#: model compares embeddings by cosine similarity, so their length carries nothing it was
+#: trained on (raw H&E norms are ~6, ST ~0.7); unit rows make Euclidean tools (scanpy
+#: neighbours, k-means, faiss L2) rank as the model does.
+EMBEDDING_NORM = "l2"
+#: Name of the integer column of the embedding tables that matches the shapes' index.
+INSTANCE_KEY = "instance_id"
 
 if TYPE_CHECKING:
     from napari_sigmma.tiles.dataset import GraphSettings, SlideTiles
@@ -376,68 +390,92 @@ def embeddings_to_sdata(
     tiles_key, cells_key = f"tiles{suffix}", f"cells{suffix}"
     b = grid.bounds[emb.indices]
     ids = list(emb.tile_ids)
+    n = len(ids)
+    # integer index (napari-spatialdata needs it), the tile id kept as a column
     gdf = gpd.GeoDataFrame(
-        geometry=[box(x0, y0, x1, y1) for x0, y0, x1, y1 in b], index=pd.Index(ids)
+        {"tile_id": ids},
+        geometry=[box(x0, y0, x1, y1) for x0, y0, x1, y1 in b],
+        index=pd.RangeIndex(n),
     )
     shapes = {tiles_key: ShapesModel.parse(gdf, transformations={"global": to_global})}
     obs = pd.DataFrame(
         {
+            INSTANCE_KEY: np.arange(n, dtype=np.int64),
             "tile_id": ids,
-            "slide": paired.name,
+            "slide": pd.Categorical([paired.name] * n),
             "row": grid.rows[emb.indices],
             "col": grid.cols[emb.indices],
             "n_cells": emb.n_cells,
             "valid": emb.valid,
-            "region": pd.Categorical([tiles_key] * len(ids)),
+            "region": pd.Categorical([tiles_key] * n),
         },
         index=pd.Index([f"{paired.name}:{t}" for t in ids]),
     )
     table = ad.AnnData(obs=obs)
     for s, v in emb.he.items():
-        table.obsm[f"he_{s}"] = np.asarray(v, dtype=np.float32)
+        table.obsm[f"he_{s}"] = l2_rows(v)
     for s, v in emb.st.items():
-        table.obsm[f"st_{s}"] = np.asarray(v, dtype=np.float32)
+        table.obsm[f"st_{s}"] = l2_rows(v)
     table.obsm["spatial"] = np.c_[(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2]
     meta = {
         "he_mpp": float(paired.he_mpp),
         "tile_px": int(grid.tile_px),
         "target_mpp": float(grid.target_mpp),
         "coordinates": "H&E level-0 pixels",
+        "embedding_norm": EMBEDDING_NORM,
+        "he_to_global": np.asarray(paired.he_to_global, dtype=np.float64).tolist(),
         **(attrs or {}),
     }
+    if "source" not in meta and paired.source:
+        meta["source"] = str(paired.source)
     table.uns["sigmma"] = meta
     tables = {
         f"tile_embeddings{suffix}": TableModel.parse(
-            table, region=tiles_key, region_key="region", instance_key="tile_id"
+            table, region=tiles_key, region_key="region", instance_key=INSTANCE_KEY
         )
     }
     if emb.cell_index.size and emb.cell_st:
         xy = paired.cells_px[emb.cell_index]
         cids = [str(c) for c in np.asarray(paired.cell_ids)[emb.cell_index]]
+        m = len(cids)
         radius = 5.0 / paired.he_mpp  # ~ a cell (5 µm) in H&E pixels
-        shapes[cells_key] = ShapesModel.parse(
+        circles = ShapesModel.parse(
             xy,
             geometry=0,
-            radius=np.full(len(cids), radius),
-            index=pd.Index(cids),
+            radius=np.full(m, radius),
+            index=pd.RangeIndex(m),
             transformations={"global": to_global},
         )
+        circles["cell_id"] = cids
+        shapes[cells_key] = circles
         cobs = pd.DataFrame(
             {
+                INSTANCE_KEY: np.arange(m, dtype=np.int64),
                 "cell_id": cids,
                 "tile_id": [ids[int(t)] for t in emb.cell_tile],
-                "region": pd.Categorical([cells_key] * len(cids)),
+                "region": pd.Categorical([cells_key] * m),
             },
             index=pd.Index([f"{paired.name}:{c}" for c in cids]),
         )
         if "cell_type" in paired.obs:
-            cobs["cell_type"] = np.asarray(paired.obs["cell_type"].astype(str))[emb.cell_index]
+            cobs["cell_type"] = pd.Categorical(
+                np.asarray(paired.obs["cell_type"].astype(str))[emb.cell_index]
+            )
         ctab = ad.AnnData(obs=cobs)
         for s, v in emb.cell_st.items():
-            ctab.obsm[f"st_{s}"] = np.asarray(v, dtype=np.float32)
+            ctab.obsm[f"st_{s}"] = l2_rows(v)
         ctab.obsm["spatial"] = xy
         ctab.uns["sigmma"] = dict(meta)
         tables[f"cell_embeddings{suffix}"] = TableModel.parse(
-            ctab, region=cells_key, region_key="region", instance_key="cell_id"
+            ctab, region=cells_key, region_key="region", instance_key=INSTANCE_KEY
         )
     return sd.SpatialData(shapes=shapes, tables=tables)
+
+
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, as float32 (NaN rows stay NaN, zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        return x
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32, copy=False)

@@ -181,6 +181,7 @@ def embed_slide_streaming(
         TileEmbeddings,
         embeddings_to_sdata,
         iter_embed_batches,
+        l2_rows,
         tile_indices,
     )
     from napari_sigmma.io.store import prepare_target, swap_in
@@ -228,6 +229,11 @@ def embed_slide_streaming(
         if cell_index.size
         else {},
     )
+    attrs = dict(attrs or {})
+    source = attrs.get("source") or paired.source
+    if source:
+        # the H&E is linked, not copied: the store's reader opens it from this path
+        attrs["source"] = str(Path(source).resolve())
     sdata = embeddings_to_sdata(skeleton, paired, grid, suffix=suffix, attrs=attrs)
     del skeleton
     try:
@@ -267,16 +273,17 @@ def embed_slide_streaming(
                 np.array_equal(b.valid, valid[rows]) and np.array_equal(b.n_cells, n_cells[rows])
             ):
                 raise RuntimeError("tile cells differ from the precomputed layout")
+            # stored unit-length, as embeddings_to_sdata stores them
             for s, v in b.he.items():
-                writers[f"he_{s}"].write(b.start, v)
+                writers[f"he_{s}"].write(b.start, l2_rows(v))
             for s, v in b.st.items():
-                writers[f"st_{s}"].write(b.start, v)
+                writers[f"st_{s}"].write(b.start, l2_rows(v))
             if b.cell_index.size and cell_writers:
                 c0 = int(cell_start[b.start])
                 if not np.array_equal(cell_index[c0 : c0 + b.cell_index.size], b.cell_index):
                     raise RuntimeError("batch cells differ from the precomputed layout")
                 for s, v in b.cell_st.items():
-                    cell_writers[s].write(c0, v)
+                    cell_writers[s].write(c0, l2_rows(v))
             done = b.start + b.indices.size
         if done < idx.size:
             raise Cancelled()
@@ -291,7 +298,9 @@ def embed_slide_streaming(
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)  # cancelled or failed: no half store
         if isinstance(err, OSError):
-            raise SigmmaError(f"could not write the embeddings ({err})", path=target) from err
+            from napari_sigmma.train.checkpoint import write_error
+
+            raise write_error(err, target, "the embeddings") from err
         raise
     swap_in(tmp, target)
     return StreamedEmbedding(

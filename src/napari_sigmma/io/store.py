@@ -14,7 +14,11 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
+    "EMBED_TABLE_PREFIX",
+    "embed_tables",
+    "is_embed_sdata",
     "is_sdata_store",
+    "linked_he_image",
     "merge_stores",
     "prepare_target",
     "read_sdata",
@@ -24,6 +28,9 @@ __all__ = [
 
 #: Top-level groups a SpatialData store may have.
 ELEMENT_GROUPS = ("images", "labels", "points", "shapes", "tables")
+#: Tables of tile embeddings in a ``napari-sigmma embed`` store: ``tile_embeddings`` (one
+#: slide) or ``tile_embeddings_0``, ``_1``, … (a folder of slides).
+EMBED_TABLE_PREFIX = "tile_embeddings"
 
 
 def _root_attrs(path: Path) -> dict | None:
@@ -258,3 +265,102 @@ def read_sdata(path: str | os.PathLike[str]) -> SpatialData:
     except Exception as err:
         raise SigmmaError(f"could not read the SpatialData store ({err})", path=p) from err
     return sdata
+
+
+# ----------------------------------------------------------------------------- embed stores
+
+
+def embed_tables(sdata: SpatialData) -> list[str]:
+    """Names of the tile-embedding tables of a ``napari-sigmma embed`` store, sorted."""
+    return sorted(k for k in sdata.tables if str(k).startswith(EMBED_TABLE_PREFIX))
+
+
+def is_embed_sdata(sdata: SpatialData) -> bool:
+    """Whether ``sdata`` is what ``napari-sigmma embed`` writes (tile embeddings, no H&E
+    image and no cell table of its own)."""
+    return bool(embed_tables(sdata)) and "table" not in sdata.tables
+
+
+def linked_he_image(sdata: SpatialData, table: str | None = None) -> tuple[object | None, str]:
+    """The H&E an embedding store was made from, opened lazily from the path it records.
+
+    The store links the H&E rather than including it: a slide is gigabytes and the
+    embeddings megabytes, and the H&E is already on disk beside its Xenium / HEST / slide
+    data. ``uns["sigmma"]["source"]`` of the tile table is the data path the embeddings
+    were made from (absolute); the H&E is its ``*he_image.ome.tif`` (Xenium), ``wsis/<id>``
+    slide (HEST-1k), the slide file itself, or the ``he_image`` of a ``.zarr`` store. It is
+    given the store's own H&E-pixel → ``global`` transformation
+    (``uns["sigmma"]["he_to_global"]``), so the tiles and cells overlay it.
+
+    Parameters
+    ----------
+    sdata
+        An embedding store (see :func:`is_embed_sdata`).
+    table
+        Which tile-embedding table's source (default: the first).
+
+    Returns
+    -------
+    (element, note)
+        A multiscale image element and ``""``, or ``None`` and a sentence saying why
+        (no source recorded, the source moved, no H&E in it).
+    """
+    import numpy as np
+    from spatialdata.transformations import Affine, set_transformation
+
+    tables = embed_tables(sdata)
+    key = table or (tables[0] if tables else None)
+    if key is None or key not in sdata.tables:
+        return None, "not an embedding store"
+    uns = sdata.tables[key].uns.get("sigmma") or {}
+    source = uns.get("source")
+    if not source:
+        return None, "the store records no source data, so no H&E is shown"
+    src = Path(str(source))
+    if not src.exists():
+        return None, f"the H&E it was made from is no longer at {src}: tiles shown without it"
+    he_to_global = uns.get("he_to_global")
+    matrix = np.asarray(he_to_global if he_to_global is not None else np.eye(3), float)
+    transform = Affine(matrix, input_axes=("x", "y"), output_axes=("x", "y"))
+    try:
+        element = _he_element(src, uns, transform)
+    except SigmmaError as err:
+        return None, f"the H&E could not be opened ({err})"
+    if element is None:
+        return None, f"no H&E image in {src}"
+    set_transformation(element, {"global": transform}, set_all=True)
+    return element, ""
+
+
+def _he_element(src: Path, uns: dict, transform: object) -> object | None:
+    from napari_sigmma.io import detect_kind
+    from napari_sigmma.io.wsi import open_slide, slide_image_element
+
+    kind = detect_kind(src)
+    if kind == "zarr":
+        import spatialdata
+
+        images = spatialdata.read_zarr(src, selection=("images",)).images
+        return images.get("he_image")
+    he_file: Path | None = None
+    if kind == "slide":
+        he_file = src
+    elif kind == "xenium":
+        from napari_sigmma.io.xenium_format import HE_IMAGE_SUFFIX
+
+        found = sorted(p for p in src.glob(f"*{HE_IMAGE_SUFFIX}") if not p.name.startswith("._"))
+        he_file = found[0] if found else None
+    elif kind == "hest":
+        from napari_sigmma.io.hest import WSI_DIR, find_hest_samples
+
+        ids = find_hest_samples(src)
+        want = str(uns.get("sample_id") or uns.get("slide") or "")
+        sample = want if want in ids else (ids[0] if len(ids) == 1 else None)
+        if sample is not None:
+            he_file = next(
+                (f for f in sorted((src / WSI_DIR).iterdir()) if f.name.startswith(sample + ".")),
+                None,
+            )
+    if he_file is None:
+        return None
+    return slide_image_element(open_slide(he_file), transform)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 # slide suffixes: ``.ome.tif`` / ``.ome.tiff`` end in ``.tif`` / ``.tiff``
-from napari_sigmma.constants import SLIDE_SUFFIXES
+from napari_sigmma.constants import OPENSLIDE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SLIDE_SUFFIXES
 from napari_sigmma.errors import SigmmaError
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ __all__ = [
     "is_slide_file",
     "open_slide",
     "read_slide_sdata",
+    "slide_backend",
     "tissue_mask",
 ]
 
@@ -67,6 +68,47 @@ _TIFF_UNITS = {2: 25400.0, 3: 1e4, 4: 1e3, 5: 1.0}
 _MPP_RANGE = (0.01, 100.0)
 #: With inch units, anything coarser than this is a screen/print default, not a scan.
 _MPP_MAX_FROM_INCH = 25.0
+
+
+#: OpenSlide vendors of TIFF-based files (``.tif`` / ``.tiff``) that go to OpenSlide: their
+#: pyramids or pixel sizes live in vendor metadata tifffile does not interpret.
+OPENSLIDE_TIFF_VENDORS = frozenset({"philips", "ventana", "trestle", "leica", "huron", "argos"})
+#: The backends :func:`open_slide` can use.
+BACKENDS = ("tifffile", "openslide")
+
+
+def slide_backend(path: str | os.PathLike[str]) -> str:
+    """Which backend :func:`open_slide` uses for ``path``: ``"tifffile"`` or ``"openslide"``.
+
+    By suffix (:data:`~napari_sigmma.constants.OPENSLIDE_SUFFIXES` → OpenSlide,
+    :data:`~napari_sigmma.constants.TIFF_SLIDE_SUFFIXES` → tifffile), except that an existing
+    ``.tif`` / ``.tiff`` which OpenSlide identifies as one of
+    :data:`OPENSLIDE_TIFF_VENDORS` (Philips TIFF, Ventana, …) goes to OpenSlide. Aperio SVS,
+    OME-TIFF and generic pyramidal TIFF stay with tifffile (read as zarr, chunk-aligned).
+
+    Raises
+    ------
+    SigmmaError
+        Not a slide file name.
+    """
+    name = str(path).lower()
+    if name.endswith(OPENSLIDE_SUFFIXES):
+        return "openslide"
+    if not name.endswith(TIFF_SLIDE_SUFFIXES):
+        raise SigmmaError(
+            f"not a slide file: expected one of {', '.join(SLIDE_SUFFIXES)} (or .ome.tif)",
+            path=path,
+        )
+    if name.endswith((".tif", ".tiff")) and os.path.isfile(path):
+        try:
+            import openslide
+
+            vendor = openslide.OpenSlide.detect_format(os.fspath(path))
+        except Exception:  # not readable by OpenSlide, or no OpenSlide: tifffile decides
+            vendor = None
+        if vendor in OPENSLIDE_TIFF_VENDORS:
+            return "openslide"
+    return "tifffile"
 
 
 def is_slide_file(path: str | os.PathLike[str]) -> bool:
@@ -226,16 +268,23 @@ class Slide:
 # ----------------------------------------------------------------------------- opening
 
 
-def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Slide:
+def open_slide(
+    path: str | os.PathLike[str], *, mpp: float | None = None, backend: str | None = None
+) -> Slide:
     """Open a whole-slide image lazily.
 
     Parameters
     ----------
     path
-        ``.svs``, ``.tif`` / ``.tiff`` (pyramidal or not, OME or not) or ``.ndpi``.
+        ``.svs``, ``.tif`` / ``.tiff`` (pyramidal or not, OME or not) with tifffile; the
+        formats of :data:`~napari_sigmma.constants.OPENSLIDE_SUFFIXES` (NDPI, MIRAX, SCN,
+        BIF, VMS, VMU, DICOM, …) and Philips / Ventana TIFF with OpenSlide
+        (:func:`slide_backend`, :mod:`napari_sigmma.io.wsi_openslide`).
     mpp
         µm per pixel of level 0; overrides the file's metadata. Needed when the file
         has none.
+    backend
+        ``"tifffile"`` or ``"openslide"`` to force one; ``None`` chooses by format.
 
     Returns
     -------
@@ -264,6 +313,12 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         )
     if p.stat().st_size == 0:
         raise SigmmaError("the file is empty (0 bytes)", path=p)
+    if backend is not None and backend not in BACKENDS:
+        raise SigmmaError(f"unknown slide backend {backend!r} (one of {BACKENDS})", path=p)
+    if (backend or slide_backend(p)) == "openslide":
+        from napari_sigmma.io.wsi_openslide import open_openslide
+
+        return open_openslide(p, mpp)
     try:
         tif = tifffile.TiffFile(p)
     except Exception as err:
@@ -295,6 +350,7 @@ def _open_tiff(tif: Any, path: Path, mpp: float | None) -> Slide:
     if len(shape0) < 2 or 0 in shape0:
         raise SigmmaError(f"the slide image has no pixels (shape {shape0})", path=path)
     _check_complete(tif, series, path)
+    _check_rgb8(series, path)
 
     if tif.is_svs:
         vendor = "aperio"
@@ -412,6 +468,42 @@ def _memmap_chunks(shape: tuple[int, ...], axes: str) -> tuple[int, ...]:
     return tuple(
         _PYRAMID_CHUNK if a in "YX" else (n if a in "SC" else 1)
         for a, n in zip(axes, shape, strict=True)
+    )
+
+
+def _check_rgb8(series: Any, path: Path) -> None:
+    """An H&E image is 3-channel 8-bit RGB: refuse other channel counts and pixel types
+    (a fluorescence or label image, 12/16-bit data) naming the file; an RGBA image (RGB
+    with one extra sample) is read as RGB with a note that the alpha channel is dropped."""
+    import warnings
+
+    axes, shape = str(series.axes), tuple(int(n) for n in series.shape)
+    # S/C: samples, channels; Q/I: planes of unknown meaning (a stack of channels)
+    channels = [n for a, n in zip(axes, shape, strict=False) if a in "SCQI" and n > 1]
+    n = channels[0] if len(channels) == 1 else (1 if not channels else -1)
+    dtype = np.dtype(series.dtype)
+    kf = series.keyframe
+    if dtype != np.uint8:
+        raise SigmmaError(
+            f"not an 8-bit RGB H&E image: {max(n, 1)} channel(s) of {dtype} pixels (an H&E "
+            "scan is 8-bit RGB; is this a fluorescence image?)",
+            path=path,
+        )
+    if n == 3:
+        return
+    rgb = int(getattr(kf, "photometric", -1)) == 2  # PHOTOMETRIC.RGB
+    if n == 4 and rgb and len(getattr(kf, "extrasamples", ()) or ()) == 1:
+        warnings.warn(
+            f"{path}: RGBA image: the alpha channel is dropped and the RGB channels are used",
+            UserWarning,
+            stacklevel=4,
+        )
+        return
+    what = "channels" if n != 1 else "channel (grayscale)"
+    raise SigmmaError(
+        f"not an RGB H&E image: {n if n > 0 else channels} {what} (axes {axes!r}, shape "
+        f"{shape}); an H&E scan has 3 channels (RGB)",
+        path=path,
     )
 
 

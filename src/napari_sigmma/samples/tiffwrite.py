@@ -8,12 +8,23 @@ cascade of 2x2 mean reductions fed tile by tile, one tile row of buffer per leve
 with 512 px tiles). The reduced tiles are spooled (lz4-compressed) to a temporary file
 until tifffile asks for them, because TIFF writes level 0 completely before the first
 sub-resolution.
+
+Where the levels live: OME-TIFF (Bio-Formats, QuPath, tifffile) keeps sub-resolutions in
+the SubIFDs of the full-resolution IFD, which OpenSlide and other libtiff-based tilers
+never look at (they walk the main IFD chain, and OpenSlide's generic-TIFF driver takes
+every tiled directory there marked "reduced resolution" as a level). By default
+(``openslide_levels=True``) each sub-resolution IFD is therefore also linked into the main
+chain, as a second directory pointing at the *same* tile bytes (:func:`chain_subifds`): no
+pixel is stored twice (a few hundred bytes per level), OpenSlide reports every level, and
+the OME-XML still names IFD 0 alone (``TiffData IFD="0" PlaneCount="1"``), so OME readers
+see one image with its SubIFD pyramid as before.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,7 +36,7 @@ from napari_sigmma.errors import SigmmaError
 
 TileSource = Callable[[int, int, int, int], np.ndarray]
 
-__all__ = ["TileSource", "pyramid_shapes", "write_pyramidal_ome_tiff"]
+__all__ = ["TileSource", "chain_subifds", "pyramid_shapes", "write_pyramidal_ome_tiff"]
 
 
 def pyramid_shapes(
@@ -206,6 +217,7 @@ def write_pyramidal_ome_tiff(
     quality: int = 90,
     channel_names: list[str] | None = None,
     maxworkers: int = 2,
+    openslide_levels: bool = True,
 ) -> Path:
     """Write a tiled, pyramidal OME-TIFF (BigTIFF, sub-resolutions in SubIFDs).
 
@@ -236,6 +248,10 @@ def write_pyramidal_ome_tiff(
         OME channel names for a single-sample (grey) image.
     maxworkers
         Threads tifffile may use to encode tiles.
+    openslide_levels
+        Also link the sub-resolution IFDs into the main IFD chain (sharing their tiles, see
+        :func:`chain_subifds`) so that OpenSlide reads the pyramid; ``False`` writes the
+        plain SubIFD layout (OpenSlide then sees level 0 only).
 
     Returns
     -------
@@ -377,4 +393,71 @@ def write_pyramidal_ome_tiff(
     finally:
         for spool in spools:
             spool.close()
+    if openslide_levels and len(shapes) > 1:
+        try:
+            chain_subifds(path)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
     return path
+
+
+def chain_subifds(path: str | os.PathLike[str]) -> int:
+    """Link the SubIFDs of a TIFF's first IFD into its main IFD chain, sharing their data.
+
+    Each SubIFD is copied, entry for entry, to the end of the file and the copies are
+    appended to the main chain. Entries whose values do not fit inline point to absolute
+    file offsets, so a verbatim copy references the same tile offsets, byte counts and
+    tile bytes: the file grows by the directories alone. The copies keep
+    ``NewSubfileType = 1`` (reduced resolution), which is what OpenSlide's generic-TIFF
+    driver and other libtiff tilers take as a pyramid level.
+
+    Returns
+    -------
+    int
+        The number of directories linked (0 when the first IFD has no SubIFDs or the main
+        chain already has more than one directory).
+    """
+    import tifffile
+
+    path = Path(path)
+    with tifffile.TiffFile(path) as tif:
+        order = tif.byteorder
+        big = tif.tiff.offsetsize == 8
+        if len(tif.pages) != 1:
+            return 0
+        first = tif.pages[0]
+        subifds = [int(o) for o in (first.subifds or ())]
+        last = int(first.offset)
+    if not subifds:
+        return 0
+    count_fmt, entry_size, offset_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+    count_size, offset_size = struct.calcsize(count_fmt), struct.calcsize(offset_fmt)
+    with open(path, "r+b") as fh:
+
+        def entries(offset: int) -> bytes:
+            fh.seek(offset)
+            (n,) = struct.unpack(order + count_fmt, fh.read(count_size))
+            fh.seek(offset)
+            return fh.read(count_size + n * entry_size)
+
+        blobs = [entries(o) for o in subifds]
+        end = fh.seek(0, os.SEEK_END)
+        end += end % 2  # directories start on a word boundary
+        starts = []
+        for blob in blobs:
+            starts.append(end)
+            end += len(blob) + offset_size
+            end += end % 2
+        if not big and end >= 2**32:
+            raise SigmmaError("the TIFF would exceed 4 GB; write BigTIFF", path=path)
+        for k, blob in enumerate(blobs):
+            fh.seek(starts[k])
+            nxt = starts[k + 1] if k + 1 < len(blobs) else 0
+            fh.write(blob + struct.pack(order + offset_fmt, nxt))
+        fh.truncate(end)  # pads an odd length with a zero byte
+        # the first IFD's "next IFD" field: after its count and entries
+        head = entries(last)
+        fh.seek(last + len(head))
+        fh.write(struct.pack(order + offset_fmt, starts[0]))
+    return len(blobs)
