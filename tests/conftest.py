@@ -217,3 +217,16 @@ def synthetic_small(sigmma_cache: Path) -> Path:
     if not (out / "experiment.xenium").is_file():
         write_synthetic_sample(out, size=1536, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A finished 1-epoch tiny run on ``synthetic_small`` (its TrainConfig), trained once per
+    session for the tests that need a real checkpoint (read it; copy before changing)."""
+    from _train_data import tiny_cfg
+    from napari_sigmma.train.loop import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = tiny_cfg(synthetic_small, root / "run", root / "features").replace(epochs=1)
+    assert train(cfg).status == "completed"
+    return cfg

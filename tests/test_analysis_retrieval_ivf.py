@@ -137,7 +137,8 @@ def test_save_load_round_trip_keeps_the_ivf(tmp_path, clustered) -> None:
     ivf_index.add("tail", np.arange(100), data[50_000:50_100])  # a tail is saved too
     path = ivf_index.save(tmp_path / "ivf.npz")
     with np.load(path, allow_pickle=False) as z:
-        assert {"ivf_centroids", "ivf_offsets", "ivf_tail_lists", "ivf_state"} <= set(z.files)
+        assert {"ivf_centroids", "ivf_row_lists", "ivf_state"} <= set(z.files)
+        assert int(z["index_format"]) == 2 and z["ivf_row_lists"].shape == (50_000,)
     again = EmbeddingIndex.load(path, use_faiss=False)
     assert again.is_ivf and again.ivf_lists == ivf_index.ivf_lists
     assert again.effective_nprobe == ivf_index.effective_nprobe
@@ -147,11 +148,44 @@ def test_save_load_round_trip_keeps_the_ivf(tmp_path, clustered) -> None:
     # a file whose IVF arrays disagree with its matrix is refused, naming the file
     with np.load(path, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
-    arrays["ivf_offsets"] = arrays["ivf_offsets"][:-1]
+    arrays["ivf_row_lists"] = arrays["ivf_row_lists"][:-1]
     bad = tmp_path / "bad_ivf.npz"
     np.savez(bad, **arrays)
     with pytest.raises(SigmmaError, match=r"bad_ivf\.npz"):
         EmbeddingIndex.load(bad)
+
+
+def test_an_index_saved_by_the_numpy_ivf_loads_without_retraining(tmp_path, clustered) -> None:
+    """Files of the hand-written numpy IVF used before faiss (rows sorted by list, a tail)
+    load into the faiss index with the same lists: same nprobe, no build, and the same
+    results as the numpy IVF gave (both scan the same lists exactly)."""
+    from napari_sigmma.bench.ivf_numpy import NumpyIVFIndex
+
+    data, queries = clustered
+    old = NumpyIVFIndex(32, use_faiss=False, ivf_min_size=20_000)
+    old.add("a", np.arange(50_000), data[:50_000])
+    old.build_ivf()
+    old.add("tail", np.arange(100), data[50_000:50_100])
+    path = old.save(tmp_path / "numpy_ivf.npz")
+    with np.load(path, allow_pickle=False) as z:
+        assert {"ivf_offsets", "ivf_tail_lists"} <= set(z.files) and "index_format" not in z
+    new = EmbeddingIndex.load(path)
+    assert new.is_ivf and new.ivf_lists == old.ivf_lists and not new.builds
+    assert new.effective_nprobe == old.effective_nprobe and len(new) == 50_100
+    assert not new.needs_build()
+    for q in queries[:20]:
+        got, want = new.query(q, 10), old.query(q, 10)
+        assert [h[:2] for h in got] == [h[:2] for h in want]
+        np.testing.assert_allclose([h[2] for h in got], [h[2] for h in want], atol=1e-5)
+    assert new.query(data[50_042], k=1)[0][:2] == ("tail", 42)
+    # an index saved before any IVF loads untrained and trains at its first query
+    flat = tmp_path / "flat.npz"
+    with np.load(path, allow_pickle=False) as z:
+        np.savez(flat, **{k: z[k] for k in ("matrix", "tile_ids", "slide_ids", "slide_names")})
+    lazy = EmbeddingIndex.load(flat, ivf_min_size=20_000)
+    assert not lazy.is_ivf and lazy.needs_build()
+    lazy.query(queries[0])
+    assert lazy.is_ivf and [b["kind"] for b in lazy.builds] == ["train"]
 
 
 def test_bad_queries_raise_sigmma_error(ivf_index: EmbeddingIndex) -> None:
@@ -195,6 +229,9 @@ def test_retrieval_scale_reports_ivf_and_exact_on_the_same_queries() -> None:
     assert r["backend"] == "ivf" and r["data"] == "clustered" and r["n_lists"] > 0
     assert 0 < r["median_ms"] <= r["p99_ms"] and 0 < r["exact_median_ms"] <= r["exact_p99_ms"]
     assert 0.9 <= r["recall_at_k"] <= 1 and r["build_seconds"] > 0
+    o = r["numpy_ivf"]  # the hand-written IVF, on the same data and queries
+    assert o["backend"] == "ivf" and o["n_embeddings"] == r["n_embeddings"] == 12_000
+    assert 0.9 <= o["recall_at_k"] <= 1 and o["build_seconds"] > 0 and o["median_ms"] > 0
     g = retrieval_scale(12_000, 16, data="gaussian", n_queries=10, ivf_min_size=5000)
     assert g["data"] == "gaussian" and 0 <= g["recall_at_k"] <= 1
     assert g["topk_cos_median"] < r["topk_cos_median"]  # noise has no close neighbours

@@ -32,8 +32,9 @@ import torch
 
 from _train_data import tiny_cfg
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.train.checkpoint import load_checkpoint
 from napari_sigmma.train.config import TrainConfig
-from napari_sigmma.train.trainer import load_checkpoint, train
+from napari_sigmma.train.loop import train
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -44,12 +45,9 @@ def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_run(synthetic_small: Path, feature_cache: Path, tmp_path_factory) -> TrainConfig:
-    """A finished 1-epoch tiny run on the synthetic sample."""
-    cfg = tiny_cfg(synthetic_small, tmp_path_factory.mktemp("rel-runs") / "run", feature_cache)
-    cfg = cfg.replace(epochs=1)
-    assert train(cfg).status == "completed"
-    return cfg
+def trained_run(tiny_trained_run: TrainConfig) -> TrainConfig:
+    """A finished 1-epoch tiny run on the synthetic sample (the session's, in conftest)."""
+    return tiny_trained_run
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +206,7 @@ def test_gene_panel_differing_from_training(trained_run: TrainConfig, synthetic_
     from napari_sigmma.embed.memory import embed_tiles
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
-    from napari_sigmma.train.trainer import graph_settings, model_from_checkpoint
+    from napari_sigmma.train.checkpoint import graph_settings, model_from_checkpoint
 
     ckpt = load_checkpoint(Path(trained_run.run_dir) / "checkpoints" / "last.pt")
     model, feat = model_from_checkpoint(ckpt)

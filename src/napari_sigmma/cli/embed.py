@@ -10,7 +10,7 @@ from typing import Any
 
 from napari_sigmma.embed.folder import _say, embed_folder, embed_slide_to_zarr
 from napari_sigmma.errors import Cancelled
-from napari_sigmma.train.checkpoint import resolve_checkpoint
+from napari_sigmma.train.checkpoint import disk_errors, resolve_checkpoint, write_error
 from napari_sigmma.train.data import expand_data
 
 
@@ -24,14 +24,18 @@ def run(args: argparse.Namespace) -> int:
     """
     import shutil
 
+    from napari_sigmma import progress
     from napari_sigmma.io.store import merge_stores
-    from napari_sigmma.train.trainer import load_checkpoint
+    from napari_sigmma.train.checkpoint import load_checkpoint
 
+    progress.set_enabled(not getattr(args, "quiet", False))
     ckpt_path = resolve_checkpoint(args.checkpoint)
     load_checkpoint(ckpt_path)  # a bad checkpoint fails here, before any worker starts
     device = getattr(args, "device", None) or "auto"
     paths = expand_data(args.data)
     out = Path(args.out)
+    overwrite = bool(getattr(args, "overwrite", False))
+    check_embed_out(out, paths, overwrite=overwrite)
     cancel = getattr(args, "cancel", None) or threading.Event()
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -45,9 +49,15 @@ def run(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         if len(paths) == 1:
-            written = embed_slide_to_zarr(
-                str(ckpt_path), str(paths[0]), str(out), device=device, cancel=cancel
-            )
+            with disk_errors(out, "the embedding store"):
+                written = embed_slide_to_zarr(
+                    str(ckpt_path),
+                    str(paths[0]),
+                    str(out),
+                    device=device,
+                    overwrite=overwrite,
+                    cancel=cancel,
+                )
             _say(f"wrote {written}")
             return 0
         parts_dir = out.with_name(out.name + ".parts")
@@ -57,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
                 ckpt_path, paths, parts_dir, scheduler=getattr(args, "scheduler", None),
                 device=device, cancel=cancel,
             )  # fmt: skip
-        except Cancelled:
+        except BaseException as err:  # a bad slide, Ctrl-C, a full disk: no parts left
             shutil.rmtree(parts_dir, ignore_errors=True)
+            if isinstance(err, OSError):
+                raise write_error(err, out, "the embedding store") from err
             raise
     except Cancelled:
         _say("embed cancelled; nothing written")
@@ -67,11 +79,42 @@ def run(args: argparse.Namespace) -> int:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     # element folders are moved, not loaded: merging many slides' embeddings holds none
-    written = merge_stores(written_parts, out)
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    try:
+        if overwrite and out.exists():
+            shutil.rmtree(out)
+        written = merge_stores(written_parts, out)
+    except OSError as err:
+        raise write_error(err, out, "the embedding store") from err
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
     tables = sorted(t.name for t in (written / "tables").iterdir() if t.is_dir())
     _say(f"wrote {written}: " + ", ".join(tables))
     return 0
+
+
+def check_embed_out(out: Path, paths: list[Path], *, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is (or is inside, or holds) one of the data sets, and an
+    existing ``--out`` unless ``overwrite``."""
+    from napari_sigmma.errors import SigmmaError
+
+    o = out.absolute().resolve()
+    for p in paths:
+        d = Path(p).absolute().resolve()
+        if o == d or d in o.parents or o in d.parents:
+            where = "the data set" if o == d else "inside" if d in o.parents else "around"
+            raise SigmmaError(
+                f"--out is {where} the data {d}: the store would be written into (or over) "
+                "the input; choose an --out outside the data",
+                path=out,
+            )
+    if out.exists() and not overwrite:
+        raise SigmmaError(
+            "already exists: remove it, choose another --out, or pass --overwrite to replace "
+            "it (only once the new store is complete)",
+            path=out,
+        )
+    if out.exists() and not out.is_dir():
+        raise SigmmaError("--out is an existing file, not a .zarr store", path=out)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -82,4 +125,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", type=Path, required=True, help="output SpatialData .zarr")
     e.add_argument("--device", default=None)
     e.add_argument("--scheduler", help="dask.distributed scheduler address for many slides")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out store")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=run)

@@ -16,7 +16,7 @@ from napari_sigmma.errors import SigmmaError
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with all subcommands (one module each)."""
-    from napari_sigmma.cli import bench, demo, embed, evaluate, sample, train
+    from napari_sigmma.cli import bench, check, demo, embed, evaluate, sample, train
 
     p = argparse.ArgumentParser(
         prog="napari-sigmma",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "transcriptomics, with a napari viewer.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (sample, train, embed, evaluate, bench, demo):
+    for module in (sample, train, embed, evaluate, bench, demo, check):
         module.add_parser(sub)
     return p
 
@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
+    from napari_sigmma import progress
+
     try:
         return int(func(args) or 0)
     except SigmmaError as err:
@@ -45,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"napari-sigmma {args.command}: cancelled", file=sys.stderr)
         return 130
+    finally:
+        progress.set_enabled(False)  # a subcommand's bars end with it (tests call main twice)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_sigmma.errors import SigmmaError, check_cancel
+from napari_sigmma.progress import Bar
 
 
 def _rank() -> int:
@@ -57,8 +58,12 @@ def _embed_slide_to_zarr(
     from napari_sigmma.io import load_any, slide_name
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide
+    from napari_sigmma.train.checkpoint import (
+        graph_settings,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
 
     ckpt_path = Path(checkpoint)
     ckpt = load_checkpoint(ckpt_path)
@@ -74,22 +79,47 @@ def _embed_slide_to_zarr(
     grid = make_tile_grid(
         paired, tile_px=cfg.tile_px, target_mpp=cfg.target_mpp, min_tissue=cfg.min_tissue
     )
+    check_embed_input(paired, grid, path, has_table=paired.n_cells > 0 or _has_table(path))
     _say(f"{name}: {len(grid)} tiles, {paired.n_cells} cells")
-    res = embed_slide_streaming(
-        model,
-        paired,
-        grid,
-        out,
-        featurizer=featurizer if paired.n_cells else None,
-        settings=graph_settings(cfg),
-        batch_size=8,
-        device=dev,
-        suffix=suffix,
-        attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
-        overwrite=overwrite,
-        cancel=cancel,
-    )
+    with Bar(f"embed {name}", len(grid), unit="tile") as bar:
+        res = embed_slide_streaming(
+            model,
+            paired,
+            grid,
+            out,
+            featurizer=featurizer if paired.n_cells else None,
+            settings=graph_settings(cfg),
+            batch_size=8,
+            device=dev,
+            suffix=suffix,
+            attrs={"checkpoint": str(ckpt_path), "source": str(path), "slide": name},
+            overwrite=overwrite,
+            cancel=cancel,
+            progress=bar,
+        )
     return str(res.path)
+
+
+def _has_table(path: Path) -> bool:
+    """Whether ``path`` is a data set that comes with cells (not a plain slide file)."""
+    from napari_sigmma.io.wsi import is_slide_file
+
+    return not is_slide_file(path)
+
+
+def check_embed_input(paired: Any, grid: Any, path: Path, *, has_table: bool) -> None:
+    """Refuse what would embed nothing, or embed cells that are not on the H&E, naming the
+    data (:func:`napari_sigmma.train.check.pairing_problems`: no whole tile, a cell table
+    with no cells or none on the H&E); warn when only a handful of cells lie on it."""
+    import warnings
+
+    from napari_sigmma.train.check import pairing_problems
+
+    problems, notes = pairing_problems(paired, grid, has_table=has_table)
+    if problems:
+        raise SigmmaError(problems[0], path=path)
+    for note in notes:
+        warnings.warn(f"{path}: {note}", UserWarning, stacklevel=2)
 
 
 def _distributed_client(address: str | None, n_slides: int) -> tuple[Any, Any]:
@@ -102,8 +132,16 @@ def _distributed_client(address: str | None, n_slides: int) -> tuple[Any, Any]:
             return Client(address, timeout="5s"), None
         except OSError as err:
             raise SigmmaError(f"cannot reach the dask scheduler ({err})", path=address) from err
+    import logging
+
     workers = max(1, min(n_slides, os.cpu_count() or 1))
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None)
+    # a failing task is reported once, as the error line: no worker tracebacks before it
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        dashboard_address=None,
+        silence_logs=logging.CRITICAL,
+    )
     return Client(cluster), cluster
 
 
@@ -151,13 +189,16 @@ def embed_folder(
             )
             for k, p in enumerate(paths)
         ]
-        while True:
-            check_cancel(cancel)
-            try:
-                wait(futures, timeout=poll)
-                break
-            except TimeoutError:  # still running: check the cancel flag again
-                continue
+        with Bar("embed slides", len(futures), unit="slide") as bar:
+            while True:
+                check_cancel(cancel)
+                try:
+                    wait(futures, timeout=poll)
+                    break
+                except TimeoutError:  # still running: check the cancel flag again
+                    bar(sum(f.done() for f in futures))
+                    continue
+            bar(len(futures))
         return client.gather(futures)
     except BaseException:
         aborted = True

@@ -207,6 +207,13 @@ def _check_experiment(path: Path) -> tuple[float, str]:
     ps = spec.get(xf.PIXEL_SIZE_KEY)
     if not isinstance(ps, int | float) or isinstance(ps, bool) or not ps > 0:
         raise SigmmaError(f"'{xf.PIXEL_SIZE_KEY}' must be a positive number, got {ps!r}", path=path)
+    if not math.isfinite(ps) or not 1e-3 <= ps <= 100:
+        # Xenium's is 0.2125 µm; a wild value would size the image to petabytes
+        raise SigmmaError(
+            f"'{xf.PIXEL_SIZE_KEY}' must be a morphology pixel size in µm between 0.001 and 100 "
+            f"(Xenium: 0.2125), got {ps!r}",
+            path=path,
+        )
     ranger = spec.get(xf.XENIUM_RANGER_KEY)
     version = ranger.get("version") if isinstance(ranger, dict) else spec.get(xf.SW_VERSION_KEY)
     if not isinstance(version, str):
@@ -261,6 +268,19 @@ def _check_h5(path: Path) -> tuple[np.ndarray, int]:
                         f"{n_feat} features",
                         path=path,
                     )
+            names, counts_ = np.unique(
+                np.asarray(feats["name"][()]).astype(str), return_counts=True
+            )
+            if (counts_ > 1).any():
+                dup = ", ".join(
+                    f"{g} ({c}x)"
+                    for g, c in zip(names[counts_ > 1][:5], counts_[counts_ > 1][:5], strict=True)
+                )
+                raise SigmmaError(
+                    f"duplicate gene names in the panel: {dup}; each feature needs its own "
+                    "name (genes are matched by name)",
+                    path=path,
+                )
             if len(barcodes) != n_cells or len(indptr) != n_cells + 1:
                 raise SigmmaError("matrix shape, barcodes and indptr disagree", path=path)
             nnz = int(indptr[-1]) if len(indptr) else 0
@@ -371,6 +391,26 @@ def check_xenium_bundle(
     if len(cell_ids) and isinstance(cell_ids.iloc[0], bytes):
         cell_ids = cell_ids.str.decode("utf-8")
     cell_ids = cell_ids.astype(str).to_numpy()
+    if len(cell_ids) == 0:
+        raise SigmmaError(
+            "no cells: the table is empty (a run that segmented no cells, or a partial copy)",
+            path=cells_path,
+        )
+    ids_u, ids_n = np.unique(cell_ids, return_counts=True)
+    if (ids_n > 1).any():
+        raise SigmmaError(
+            f"{int((ids_n > 1).sum())} cell id(s) appear more than once (e.g. "
+            f"{ids_u[ids_n > 1][0]!r}): the table is damaged or two runs were merged",
+            path=cells_path,
+        )
+    xy = pd.read_parquet(cells_path, columns=[xf.CELL_X, xf.CELL_Y]).to_numpy(np.float64)
+    bad_xy = ~np.isfinite(xy).all(axis=1)
+    if bad_xy.any():
+        raise SigmmaError(
+            f"{int(bad_xy.sum())} of {len(xy)} cells have NaN or infinite centroids "
+            f"({xf.CELL_X}/{xf.CELL_Y}): the file is damaged",
+            path=cells_path,
+        )
     if len(barcodes) != len(cell_ids) or not np.array_equal(barcodes, cell_ids):
         n_bad = (
             abs(len(barcodes) - len(cell_ids))
@@ -558,6 +598,12 @@ def read_xenium(
     ps = bundle.pixel_size
     a = bundle.alignment if bundle.alignment is not None else np.eye(3)
     mpp = ps * math.sqrt(abs(np.linalg.det(a[:2, :2])))
+    if he and bundle.he_image is not None and not 1e-3 <= mpp <= 1e3:
+        raise SigmmaError(
+            f"the alignment makes the H&E {mpp:.3g} µm/px (scanners: 0.1-2): it scales the "
+            "image by a wrong factor; check the alignment's units (morphology pixels)",
+            path=bundle.alignment_file or bundle.he_image,
+        )
     # µm -> morphology px -> H&E px, for code that must not care where the data came from
     um_to_he = np.linalg.inv(a) @ np.diag([1.0 / ps, 1.0 / ps, 1.0])
     uns = {"he_mpp": float(mpp), "um_to_he_px": um_to_he.tolist(), "source": "xenium"}

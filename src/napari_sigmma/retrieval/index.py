@@ -1,35 +1,43 @@
 """Cross-modal retrieval index over tile embeddings (HE→ST and ST→HE queries).
 
-Small indices are searched exactly (a numpy matrix-vector product and ``argpartition``, or
-faiss's ``IndexFlatIP`` when faiss is installed). From ``ivf_min_size`` (default 50,000)
-stored embeddings on, queries go through an inverted file (IVF) written here in numpy:
+Small indices are searched exactly with numpy (a matrix-vector product and
+``argpartition``: on a single query it beats faiss's flat index with default threading,
+issue 17). From ``ivf_min_size`` (default 50,000) stored embeddings on, queries go through
+a faiss inverted file (``IndexIVFFlat``, inner product on L2-normalised rows = cosine):
 
 - **Training** (lazily, at the first query once the index is big enough, or ahead of
   queries by :meth:`EmbeddingIndex.ensure_built` / :meth:`EmbeddingIndex.build_ivf`, e.g.
-  in a worker thread; queries meanwhile search the previous IVF or exactly): spherical
-  k-means (a few Lloyd iterations on a random sample) gives ``≈ sqrt(N)`` coarse
-  centroids; every stored vector goes to its nearest centroid's list and the stored rows
-  are reordered so that each list is one contiguous block of the matrix.
+  in a worker thread; queries meanwhile search the previous IVF or exactly): faiss's
+  spherical k-means on a random sample (32 rows per list, 8 iterations) gives
+  ``≈ sqrt(N)`` coarse centroids; every stored vector is assigned to its nearest centroid
+  (in blocks, ``cancel`` checked between them) and added to that list with its row number
+  as id.
 - **nprobe** is calibrated on the data at training: 200 stored vectors are queried
   leave-one-out against the exact top-10 within a random subset of ≤ 200,000 rows (sparser
   than the index, so the estimate errs on the safe side), and the smallest number of probed
   lists whose recall@10 reaches ``target_recall`` (0.99; at least 8 lists) is kept, capped at
-  1/8 of the lists so an IVF query never scans more than about an eighth of the matrix. On
-  embeddings with structure (tiles of slides cluster by tissue) that is about 1% of the
-  lists; on structureless isotropic noise the cap is hit and recall is much lower (≈ 0.5;
-  see :func:`napari_sigmma.bench.scale.retrieval_scale`).
-- **Query**: centroid scores → the ``nprobe`` best lists → exact cosine over their rows →
-  top-k. ``query(..., exact=True)`` always scans everything.
-- **Growth**: vectors added after training go to their nearest list (kept in a tail that
-  is merged into the contiguous blocks once it reaches 1/8 of them); the quantiser is
-  retrained when the index has doubled since training. An index made with
+  1/8 of the lists. On embeddings with structure (tiles of slides cluster by tissue) that is
+  about 1% of the lists; on structureless isotropic noise the cap is hit and recall is much
+  lower (see :func:`napari_sigmma.bench.scale.retrieval_scale`).
+- **Query**: faiss searches the ``nprobe`` best lists (one OpenMP thread: a single query is
+  too small to share, and on a busy machine waiting for a second thread costs more than the
+  search), numpy scans the rows added since the last build (the tail), and the two top-k
+  lists are merged. When the probed lists hold fewer than ``k`` rows, more are probed.
+  ``query(..., exact=True)`` always scans everything with numpy.
+- **Growth**: rows added after training stay in the tail until it reaches 1/8 of the
+  indexed rows; then a copy of the faiss index gets them (a "merge": no retraining). The
+  quantiser is retrained when the index has doubled since training. An index made with
   ``build_in_query=False`` leaves both to :meth:`EmbeddingIndex.ensure_built`.
 - **Threads**: adds, queries and one build at a time may run in different threads; the
-  build trains on a snapshot without holding the index's lock (see the class notes).
+  build works on a snapshot (and on a copy of the faiss index) without holding the index's
+  lock, and installs the result at the end. An installed faiss index is never changed, so
+  queries search it without the lock.
 
-Persisted as ``.npz`` without pickle; a trained IVF (centroids, list offsets, the tail's
-lists, calibrated nprobe) is stored with the matrix, so loading needs no retraining. Files
-written before the IVF existed load as untrained indices and train at their first query.
+Persisted as ``.npz`` without pickle: the matrix, the keys and, when trained, the centroids
+and each indexed row's list (``ivf_row_lists``), so loading rebuilds the faiss index without
+retraining or reassigning. Files of the numpy IVF used before faiss (sorted rows with
+``ivf_offsets`` and ``ivf_tail_lists``) load the same way; files written before any IVF load
+as untrained indices and train at their first query.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ import math
 import os
 import threading
 import time
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,11 +58,34 @@ from napari_sigmma.files import atomic_savez
 IVF_MIN_SIZE = 50_000
 """Indices with at least this many embeddings are searched through the IVF by default."""
 
+INDEX_FORMAT = 2
+"""``index_format`` written by :meth:`EmbeddingIndex.save` (1: the numpy IVF's sorted rows)."""
+
 _CAL_K = 10  # nprobe is calibrated for top-10
 _SAMPLE_PER_LIST = 32  # k-means training points per list
 _CAL_ROWS = 200_000  # rows the nprobe calibration searches
 _KMEANS_ITERS = 8
 _MAX_PROBE_FRACTION = 1 / 8
+_ADD_BLOCK = 65_536  # rows per assignment / add block (cancel is checked between blocks)
+
+
+def _faiss() -> Any:
+    import faiss  # type: ignore[import-not-found]
+
+    return faiss
+
+
+class _OneThread:
+    """faiss's OpenMP threads of the calling thread set to one for a block (the setting is
+    per calling thread, so a build in another thread keeps its threads)."""
+
+    def __enter__(self) -> None:
+        faiss = _faiss()
+        self._prev = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        _faiss().omp_set_num_threads(self._prev)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -61,20 +94,18 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def _dot(m: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """``m @ v`` in one thread (numpy's own loop)."""
-    return np.einsum("ij,j->i", m, v)
-
-
 def _assign(x: np.ndarray, centroids: np.ndarray, *, cancel: CancelLike = None) -> np.ndarray:
-    """Nearest (highest inner product) centroid of each row, in blocks of ≤ 32 MB scores
+    """Nearest (highest inner product) centroid of each row (int64), by faiss in blocks
     (``cancel`` checked between blocks)."""
-    out = np.empty(x.shape[0], dtype=np.int32)
-    block = max(1024, 2**23 // max(1, centroids.shape[0]))
-    ct = np.ascontiguousarray(centroids.T)
-    for a in range(0, x.shape[0], block):
+    faiss = _faiss()
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    out = np.empty(x.shape[0], dtype=np.int64)
+    for a in range(0, x.shape[0], _ADD_BLOCK):
         check_cancel(cancel)
-        out[a : a + block] = np.argmax(x[a : a + block] @ ct, axis=1)
+        out[a : a + _ADD_BLOCK] = quantizer.search(np.ascontiguousarray(x[a : a + _ADD_BLOCK]), 1)[
+            1
+        ][:, 0]
     return out
 
 
@@ -86,31 +117,29 @@ def spherical_kmeans(
     seed: int = 0,
     cancel: CancelLike = None,
 ) -> np.ndarray:
-    """Unit-norm centroids of L2-normalised rows ``x`` by Lloyd iterations on the sphere.
+    """Unit-norm centroids of L2-normalised rows ``x`` by faiss's spherical k-means (Lloyd
+    iterations on the sphere, seeded; an emptied cluster is split from a big one).
 
-    Starts from ``n_clusters`` distinct random rows; an emptied cluster is reseeded with a
-    random row. ``cancel`` is checked between iterations and assignment blocks
+    ``cancel`` is checked before and after the k-means
     (:class:`~napari_sigmma.errors.Cancelled` when it says stop).
     """
-    rng = np.random.default_rng(seed)
-    n = x.shape[0]
-    n_clusters = min(int(n_clusters), n)
-    c = x[rng.choice(n, n_clusters, replace=False)].copy()
-    for _ in range(n_iter):
-        check_cancel(cancel)
-        lab = _assign(x, c, cancel=cancel)
-        counts = np.bincount(lab, minlength=n_clusters)
-        order = np.argsort(lab, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        full = np.flatnonzero(counts)
-        sums = np.zeros_like(c)
-        # reduceat over the sorted rows sums each non-empty cluster's block
-        sums[full] = np.add.reduceat(x[order], starts[full], axis=0)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:
-            sums[empty] = x[rng.choice(n, empty.size, replace=False)]
-        c = _normalise(sums)
-    return c
+    faiss = _faiss()
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_clusters = min(int(n_clusters), x.shape[0])
+    check_cancel(cancel)
+    km = faiss.Kmeans(
+        x.shape[1],
+        n_clusters,
+        niter=int(n_iter),
+        spherical=True,
+        seed=int(seed),
+        max_points_per_centroid=1 << 30,  # the caller samples
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    km.train(x)
+    check_cancel(cancel)
+    return _normalise(km.centroids)
 
 
 def _exact_topk_rows(
@@ -150,55 +179,83 @@ def _exact_topk_rows(
     return best_i
 
 
-def _search_ivf(
-    matrix: np.ndarray,
-    centroids: np.ndarray,
-    off: np.ndarray,
-    n_sorted: int,
-    tail_lists: np.ndarray,
-    nprobe: int,
-    q: np.ndarray,
-    k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and cosines of the top-``k`` of ``q`` among the ``nprobe`` lists whose
-    centroids score best (an :class:`EmbeddingIndex` snapshot: rows ``[0, n_sorted)`` sorted
-    by list, list ``l`` at ``off[l]:off[l + 1]``, the rest in ``tail_lists``)."""
-    # einsum, not BLAS: OpenBLAS splits these small products over threads, and on a
-    # busy machine waiting for the second thread costs far more than the product
-    order = np.argsort(-_dot(centroids, q))
-    p = int(min(max(1, nprobe), order.size))
-    # probe more lists when the chosen ones hold fewer than k rows
-    cum = np.cumsum(np.diff(off)[order])
-    if cum[p - 1] < k:
-        p = min(order.size, int(np.searchsorted(cum, k)) + 1)
-    lists = order[:p]
-    parts_s, parts_i = [], []
-    for lst in np.sort(lists):  # in row order: sequential reads
-        a, b = off[lst], off[lst + 1]
-        if b > a:
-            parts_s.append(_dot(matrix[a:b], q))
-            parts_i.append(np.arange(a, b))
-    if tail_lists.size:
-        rows = n_sorted + np.flatnonzero(np.isin(tail_lists, lists))
-        parts_s.append(_dot(matrix[rows], q))
-        parts_i.append(rows)
-    sims = np.concatenate(parts_s)
-    cand = np.concatenate(parts_i)
+def _calibrate(
+    x: np.ndarray,
+    row_lists: np.ndarray,
+    c: np.ndarray,
+    rng: np.random.Generator,
+    target_recall: float,
+    n_queries: int = 200,
+    cancel: CancelLike = None,
+) -> int:
+    """Smallest nprobe whose leave-one-out recall@10 on sampled rows meets the target."""
+    n_lists = c.shape[0]
+    # ground truth within a random subset of rows: its neighbours are farther apart than
+    # in the whole index, so the nprobe found is on the safe side, at a bounded cost
+    n_all = x.shape[0]
+    sub = np.sort(rng.choice(n_all, min(n_all, _CAL_ROWS), replace=False))
+    xs, sub_lists = x[sub], row_lists[sub]
+    n = xs.shape[0]
+    k = min(_CAL_K, n - 1)
+    if k < 1:
+        return n_lists
+    qi = np.sort(rng.choice(n, min(n_queries, n), replace=False))
+    q = xs[qi]
+    rows = np.arange(qi.size)
+    best_i = _exact_topk_rows(q, xs, k, exclude=qi, cancel=cancel)
+    nb_lists = sub_lists[best_i]
+    # rank of every list by centroid score, per query
+    order = np.argsort(-(q @ c.T), axis=1)
+    rank = np.empty_like(order)
+    rank[rows[:, None], order] = np.arange(n_lists)[None, :]
+    needed = np.sort(rank[rows[:, None], nb_lists].ravel())
+    p = int(needed[max(0, math.ceil(target_recall * needed.size) - 1)]) + 1
+    cap = max(min(8, n_lists), int(n_lists * _MAX_PROBE_FRACTION))
+    return int(min(max(p, min(8, n_lists)), cap))
+
+
+def _new_ivf(centroids: np.ndarray) -> Any:
+    """An empty faiss ``IndexIVFFlat`` (inner product) over fixed ``centroids``."""
+    faiss = _faiss()
+    quantizer = faiss.IndexFlatIP(centroids.shape[1])
+    quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ivf = faiss.IndexIVFFlat(
+        quantizer, centroids.shape[1], centroids.shape[0], faiss.METRIC_INNER_PRODUCT
+    )
+    ivf.is_trained = True  # the quantiser is set: nothing for faiss to train
+    return ivf
+
+
+def _add_rows(
+    ivf: Any, x: np.ndarray, first_row: int, lists: np.ndarray, cancel: CancelLike = None
+) -> None:
+    """Add rows ``x`` (ids ``first_row, first_row + 1, …``) to the lists ``lists`` of
+    ``ivf`` without reassigning them, in blocks (``cancel`` checked between blocks)."""
+    faiss = _faiss()
+    for a in range(0, x.shape[0], _ADD_BLOCK):
+        check_cancel(cancel)
+        xb = np.ascontiguousarray(x[a : a + _ADD_BLOCK], dtype=np.float32)
+        ids = np.arange(first_row + a, first_row + a + xb.shape[0], dtype=np.int64)
+        lb = np.ascontiguousarray(lists[a : a + _ADD_BLOCK], dtype=np.int64)
+        ivf.add_core(xb.shape[0], faiss.swig_ptr(xb), faiss.swig_ptr(ids), faiss.swig_ptr(lb))
+
+
+def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest of ``sims``, best first (ties by position)."""
     k = min(k, sims.size)
     top = np.argpartition(-sims, k - 1)[:k] if k < sims.size else np.arange(sims.size)
-    top = top[np.argsort(-sims[top], kind="stable")]
-    return cand[top], sims[top]
+    return top[np.argsort(-sims[top], kind="stable")]
 
 
 class EmbeddingIndex:
-    """A growing cosine-similarity index: exact when small, IVF when big; thread-safe.
+    """A growing cosine-similarity index: exact when small, faiss IVF when big; thread-safe.
 
     Parameters
     ----------
     dim
         Embedding dimension.
     use_faiss
-        ``None`` uses faiss (for the exact search) when it can be imported.
+        Accepted for compatibility and ignored: exact search is numpy's, the IVF is faiss's.
     ivf_min_size
         From this many stored embeddings on, queries use the IVF (trained at the next query,
         or by :meth:`ensure_built`). ``None`` never trains one by itself (queries stay exact
@@ -210,7 +267,7 @@ class EmbeddingIndex:
     target_recall
         Recall@10 the nprobe calibration aims for.
     seed
-        Seed of the training sample, k-means and calibration (training is deterministic).
+        Seed of the training sample, k-means and calibration.
     build_in_query
         ``True``: a query that finds the IVF missing or out of date trains it (or merges its
         tail) first, in the querying thread. ``False``: queries never build; they search the
@@ -220,17 +277,17 @@ class EmbeddingIndex:
     Notes
     -----
     Keys are ``(slide, tile_id)`` pairs stored as two arrays, so a query returns where each
-    match lives. Appends go to a list of chunks that are concatenated lazily at the next
-    query, which keeps adding tiles one batch at a time cheap. Training reorders the stored
-    rows (by list); nothing outside depends on the row order.
+    match lives; the faiss ids are row numbers. Appends go to a list of chunks that are
+    concatenated lazily at the next query, which keeps adding tiles one batch at a time
+    cheap; stored rows are never reordered.
 
     Threads: one lock guards the stored arrays and the IVF state, and is held only for short
     bookkeeping; stored arrays are never changed in place (rows are appended by
-    concatenation, a build installs new arrays), so a query searches the arrays it saw under
-    the lock without holding it. A build (one at a time) trains on a snapshot outside the
-    lock and installs the result at the end; rows added meanwhile join the new lists' tail.
-    A query during a build therefore never waits for it: it searches the previous IVF or,
-    without one, every row exactly.
+    concatenation) and an installed faiss index is never changed (a build makes a new one
+    or adds to a copy), so a query searches what it saw under the lock without holding it.
+    A build (one at a time) works outside the lock and installs its result at the end; rows
+    added meanwhile stay in the tail. A query during a build therefore never waits for it:
+    it searches the previous IVF or, without one, every row exactly.
     """
 
     def __init__(
@@ -245,6 +302,7 @@ class EmbeddingIndex:
         seed: int = 0,
         build_in_query: bool = True,
     ) -> None:
+        del use_faiss  # kept for callers of the earlier signature
         self.dim = int(dim)
         self.ivf_min_size = ivf_min_size
         self.n_lists = n_lists
@@ -252,7 +310,7 @@ class EmbeddingIndex:
         self.target_recall = float(target_recall)
         self.seed = int(seed)
         self.build_in_query = bool(build_in_query)
-        self._lock = threading.RLock()  # stored arrays, IVF state, faiss
+        self._lock = threading.RLock()  # stored arrays and IVF state
         self._build_lock = threading.Lock()  # one build (train or tail merge) at a time
         self._chunks: list[np.ndarray] = []
         self._slides: list[np.ndarray] = []
@@ -261,27 +319,18 @@ class EmbeddingIndex:
         self._slide_ids = np.zeros(0, dtype=np.int32)
         self._tile_ids = np.zeros(0, dtype=np.int64)
         self.slide_names: list[str] = []
-        # IVF state: rows [0, _n_sorted) are sorted by list (list l is rows
-        # _offsets[l]:_offsets[l + 1]); rows [_n_sorted, N) are the tail, in _tail_lists.
+        # IVF state: rows [0, _n_indexed) are in the faiss index _ivf, row r in list
+        # _row_lists[r]; rows [_n_indexed, N) are the tail, searched exactly.
+        self._ivf: Any = None
         self._centroids: np.ndarray | None = None
-        self._offsets = np.zeros(1, dtype=np.int64)
-        self._n_sorted = 0
-        self._tail_lists = np.zeros(0, dtype=np.int32)
+        self._row_lists = np.zeros(0, dtype=np.int32)
+        self._n_indexed = 0
         self._n_trained = 0
         self._auto_nprobe = 0
         self.build_seconds = 0.0
         #: one dict per finished build: ``{"kind": "train"|"merge", "thread": name,
         #: "rows": n, "seconds": s}`` (which thread built is what the viewer tests check)
         self.builds: list[dict[str, object]] = []
-        self._faiss = None
-        if use_faiss is None or use_faiss:
-            try:
-                import faiss  # type: ignore[import-not-found]
-
-                self._faiss = faiss.IndexFlatIP(self.dim)
-            except ImportError:
-                if use_faiss:
-                    raise SigmmaError("faiss was requested but is not installed") from None
 
     def __len__(self) -> int:
         with self._lock:
@@ -289,7 +338,7 @@ class EmbeddingIndex:
 
     @property
     def is_ivf(self) -> bool:
-        """Whether an IVF quantiser is trained (queries of an up-to-date index use it)."""
+        """Whether an IVF is trained (queries of an up-to-date index use it)."""
         return self._centroids is not None
 
     @property
@@ -336,24 +385,14 @@ class EmbeddingIndex:
             self._slides.append(np.full(ids.shape[0], self._slide_index(slide), np.int32))
 
     # -- maintenance (callers hold self._lock unless said otherwise) ---------------------------
-    def _append_chunks(self) -> int:
-        """Concatenate the pending chunks onto the matrix; returns the previous row count."""
-        n_old = self._matrix.shape[0]
+    def _absorb(self) -> None:
+        """Concatenate the pending chunks onto the matrix (only ever appends, so a build's
+        snapshot stays a prefix of the stored rows)."""
         if self._chunks:
             self._matrix = np.concatenate([self._matrix, *self._chunks])
             self._tile_ids = np.concatenate([self._tile_ids, *self._tiles])
             self._slide_ids = np.concatenate([self._slide_ids, *self._slides])
             self._chunks, self._tiles, self._slides = [], [], []
-        return n_old
-
-    def _absorb(self) -> None:
-        """Append pending rows; with an IVF, new rows join their nearest list's tail. Only
-        ever appends, so a build's snapshot stays a prefix of the stored rows."""
-        n_old = self._append_chunks()
-        if self._centroids is not None and self._matrix.shape[0] > n_old:
-            new = _assign(self._matrix[n_old:], self._centroids)
-            self._tail_lists = np.concatenate([self._tail_lists, new])
-        self._sync_faiss(False)
 
     def _pending_work(self, extra: int = 0) -> str | None:
         """``"train"``, ``"merge"`` (the tail is too long) or ``None``, for the stored rows
@@ -365,7 +404,7 @@ class EmbeddingIndex:
             return None
         if n >= 2 * self._n_trained:  # grown a lot: the lists no longer fit the data
             return "train"
-        if n - self._n_sorted > max(4096, self._n_sorted // 8):
+        if n - self._n_indexed > max(4096, self._n_indexed // 8):
             return "merge"
         return None
 
@@ -375,27 +414,9 @@ class EmbeddingIndex:
         with self._lock:
             return self._pending_work(extra) is not None
 
-    def _sync_faiss(self, reordered: bool) -> None:
-        if self._faiss is None:
-            return
-        if reordered:
-            self._faiss.reset()
-        if self._faiss.ntotal < self._matrix.shape[0]:
-            # rows only ever append between reorders, so faiss ids stay row numbers
-            self._faiss.add(self._matrix[self._faiss.ntotal :])
-
-    def _row_lists(self) -> np.ndarray:
-        """The list of every stored row."""
-        sizes = np.diff(self._offsets)
-        return np.concatenate(
-            [np.repeat(np.arange(sizes.size, dtype=np.int32), sizes), self._tail_lists]
-        )
-
-    def _train_arrays(
-        self, x: np.ndarray, cancel: CancelLike
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        """IVF of the rows ``x`` (no lock needed; nothing of ``self`` changes): centroids,
-        the row order that sorts ``x`` by list, list offsets, calibrated nprobe."""
+    def _train(self, x: np.ndarray, cancel: CancelLike) -> tuple[np.ndarray, np.ndarray, int]:
+        """Centroids, the list of every row of ``x`` and the calibrated nprobe (no lock
+        needed; nothing of ``self`` changes)."""
         n = x.shape[0]
         n_lists = self.n_lists or max(16, round(math.sqrt(n)))
         n_lists = min(int(n_lists), n)
@@ -405,47 +426,8 @@ class EmbeddingIndex:
         centroids = spherical_kmeans(sample, n_lists, seed=self.seed, cancel=cancel)
         del sample
         lists = _assign(x, centroids, cancel=cancel)
-        order = np.argsort(lists, kind="stable")
-        counts = np.bincount(lists, minlength=centroids.shape[0])
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        sorted_lists = lists[order]
-        del lists
-        auto = self._calibrate(x[order], sorted_lists, centroids, rng, cancel=cancel)
-        return centroids, order, offsets, auto
-
-    def _calibrate(
-        self,
-        x_all: np.ndarray,
-        row_lists: np.ndarray,
-        c: np.ndarray,
-        rng: np.random.Generator,
-        n_queries: int = 200,
-        cancel: CancelLike = None,
-    ) -> int:
-        """Smallest nprobe whose leave-one-out recall@10 on sampled rows meets the target."""
-        n_lists = c.shape[0]
-        # ground truth within a random subset of rows: its neighbours are farther apart than
-        # in the whole index, so the nprobe found is on the safe side, at a bounded cost
-        n_all = x_all.shape[0]
-        sub = np.sort(rng.choice(n_all, min(n_all, _CAL_ROWS), replace=False))
-        x, sub_lists = x_all[sub], row_lists[sub]
-        n = x.shape[0]
-        k = min(_CAL_K, n - 1)
-        if k < 1:
-            return n_lists
-        qi = np.sort(rng.choice(n, min(n_queries, n), replace=False))
-        q = x[qi]
-        rows = np.arange(qi.size)
-        best_i = _exact_topk_rows(q, x, k, exclude=qi, cancel=cancel)
-        nb_lists = sub_lists[best_i]
-        # rank of every list by centroid score, per query
-        order = np.argsort(-(q @ c.T), axis=1)
-        rank = np.empty_like(order)
-        rank[rows[:, None], order] = np.arange(n_lists)[None, :]
-        needed = np.sort(rank[rows[:, None], nb_lists].ravel())
-        p = int(needed[max(0, math.ceil(self.target_recall * needed.size) - 1)]) + 1
-        cap = max(min(8, n_lists), int(n_lists * _MAX_PROBE_FRACTION))
-        return int(min(max(p, min(8, n_lists)), cap))
+        auto = _calibrate(x, lists, centroids, rng, self.target_recall, cancel=cancel)
+        return centroids, lists, auto
 
     def _build(self, cancel: CancelLike, *, force: bool, wait: bool) -> bool:
         """Train (``force``: always) or merge the tail, if needed, in this thread; the
@@ -464,39 +446,29 @@ class EmbeddingIndex:
                 n0 = x.shape[0]
                 if n0 == 0:
                     raise SigmmaError("cannot build an IVF over an empty retrieval index")
-                tiles, slides = self._tile_ids, self._slide_ids
-                old_lists = self._row_lists() if work == "merge" else None
-                centroids, auto = self._centroids, self._auto_nprobe
+                old_ivf, centroids = self._ivf, self._centroids
+                n_idx, row_lists, auto = self._n_indexed, self._row_lists, self._auto_nprobe
             check_cancel(cancel)
             t0 = time.perf_counter()
             if work == "train":
-                centroids, order, offsets, auto = self._train_arrays(x, cancel)
-            else:
-                assert old_lists is not None and centroids is not None
-                order = np.argsort(old_lists, kind="stable")
-                counts = np.bincount(old_lists, minlength=centroids.shape[0])
-                offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+                centroids, lists, auto = self._train(x, cancel)
+                ivf = _new_ivf(centroids)
+                _add_rows(ivf, x, 0, lists, cancel)
+                row_lists = lists.astype(np.int32)
+            else:  # same centroids: a copy of the index gets the tail
+                assert old_ivf is not None and centroids is not None
+                lists = _assign(x[n_idx:n0], centroids, cancel=cancel)
+                ivf = _faiss().clone_index(old_ivf)
+                _add_rows(ivf, x[n_idx:n0], n_idx, lists, cancel)
+                row_lists = np.concatenate([row_lists, lists.astype(np.int32)])
             check_cancel(cancel)
-            x_new, tiles_new, slides_new = x[order], tiles[order], slides[order]
             seconds = time.perf_counter() - t0
-            with self._lock:
-                self._absorb()
-                late = self._matrix.shape[0] - n0  # rows added during the build
-                if late:
-                    x_new = np.concatenate([x_new, self._matrix[n0:]])
-                    tiles_new = np.concatenate([tiles_new, self._tile_ids[n0:]])
-                    slides_new = np.concatenate([slides_new, self._slide_ids[n0:]])
-                if work == "train":
-                    tail = _assign(x_new[n0:], centroids)
-                else:  # same centroids: the late rows keep the lists _absorb gave them
-                    tail = self._tail_lists[n0 - self._n_sorted :]
-                self._matrix, self._tile_ids, self._slide_ids = x_new, tiles_new, slides_new
-                self._centroids, self._offsets = centroids, offsets
-                self._n_sorted, self._tail_lists = n0, tail.astype(np.int32, copy=False)
+            with self._lock:  # rows added during the build stay in the tail
+                self._ivf, self._centroids, self._row_lists = ivf, centroids, row_lists
+                self._n_indexed = n0
                 if work == "train":
                     self._n_trained, self._auto_nprobe = n0, auto
                     self.build_seconds = seconds
-                self._sync_faiss(True)
                 self.builds.append(
                     {
                         "kind": work,
@@ -517,7 +489,7 @@ class EmbeddingIndex:
         Parameters
         ----------
         cancel
-            Checked between k-means iterations and assignment blocks; when it says stop,
+            Checked between k-means, assignment and add blocks; when it says stop,
             :class:`~napari_sigmma.errors.Cancelled` is raised and the index is unchanged.
         wait
             When another thread is building: wait for it, then check again (``True``), or
@@ -586,32 +558,51 @@ class EmbeddingIndex:
         q = _normalise(v.reshape(1, -1))
         with self._lock:
             self._absorb()
-            # a consistent snapshot: these arrays are replaced, never changed in place
+            # a consistent snapshot: these are replaced, never changed in place
             matrix, tile_ids, slide_ids = self._matrix, self._tile_ids, self._slide_ids
             names = list(self.slide_names)
             n = matrix.shape[0]
             if n == 0 or int(k) < 1:
                 return []
             k = min(int(k), n)
-            ivf = found = None
-            if self._centroids is not None and not exact:
-                p = self.effective_nprobe if nprobe is None else int(nprobe)
-                ivf = (self._centroids, self._offsets, self._n_sorted, self._tail_lists, p)
-            elif self._faiss is not None:  # faiss is not safe against a concurrent add
-                found = self._faiss.search(q, k)
+            ivf, n_idx = (None, 0) if exact else (self._ivf, self._n_indexed)
+            p = self.effective_nprobe if nprobe is None else int(nprobe)
         # the search itself runs without the lock, on the snapshot
-        if ivf is not None:
-            idx, top = _search_ivf(matrix, *ivf, q[0], k)
-        elif found is not None:
-            idx, top = found[1][0], found[0][0]
-        else:
+        if ivf is None:
             sims = matrix @ q[0]
-            idx = np.argpartition(-sims, k - 1)[:k] if k < n else np.arange(n)
-            idx = idx[np.argsort(-sims[idx], kind="stable")]
+            idx = _top_k(sims, k)
             top = sims[idx]
+        else:
+            idx, top = self._search_ivf(ivf, matrix, n_idx, q, k, p)
         return [
             (names[slide_ids[i]], int(tile_ids[i]), float(s)) for i, s in zip(idx, top, strict=True)
         ]
+
+    @staticmethod
+    def _search_ivf(
+        ivf: Any, matrix: np.ndarray, n_idx: int, q: np.ndarray, k: int, nprobe: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and cosines of the top-``k``: faiss over the indexed rows (probing more lists
+        when the chosen ones hold fewer than ``k`` rows), numpy over the tail."""
+        faiss = _faiss()
+        p = int(min(max(1, nprobe), ivf.nlist))
+        kk = min(k, n_idx)
+        with _OneThread():
+            while True:
+                params = faiss.SearchParametersIVF(nprobe=p)
+                sims, rows = ivf.search(q, kk, params=params)
+                if rows[0, -1] >= 0 or p >= ivf.nlist:
+                    break
+                p = min(ivf.nlist, 2 * p)
+        found = rows[0] >= 0
+        cand_i, cand_s = rows[0][found], sims[0][found]
+        if matrix.shape[0] > n_idx:  # the tail, exactly
+            tail_s = matrix[n_idx:] @ q[0]
+            t = _top_k(tail_s, k)
+            cand_i = np.concatenate([cand_i, t + n_idx])
+            cand_s = np.concatenate([cand_s, tail_s[t]])
+        top = _top_k(cand_s, k)
+        return cand_i[top], cand_s[top]
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -622,17 +613,17 @@ class EmbeddingIndex:
         with self._lock:
             self._absorb()
             arrays = {
+                "index_format": np.array(INDEX_FORMAT, np.int64),
                 "matrix": self._matrix,
                 "tile_ids": self._tile_ids,
                 "slide_ids": self._slide_ids,
                 "slide_names": np.array(self.slide_names, dtype=np.str_),
             }
             if self._centroids is not None:
-                state = [self._n_sorted, self._n_trained, self._auto_nprobe]
+                state = [self._n_indexed, self._n_trained, self._auto_nprobe]
                 arrays.update(
                     ivf_centroids=self._centroids,
-                    ivf_offsets=self._offsets,
-                    ivf_tail_lists=self._tail_lists,
+                    ivf_row_lists=self._row_lists,
                     ivf_state=np.array(state, np.int64),
                 )
         return atomic_savez(path, arrays)
@@ -646,19 +637,18 @@ class EmbeddingIndex:
         ivf_min_size: int | None = IVF_MIN_SIZE,
         nprobe: int | None = None,
     ) -> EmbeddingIndex:
-        """Read an index written by :meth:`save`; never unpickles.
+        """Read an index written by :meth:`save` (or by the numpy IVF before faiss, or
+        before any IVF); never unpickles.
 
-        A stored IVF is used as it is (no retraining); an index saved without one trains at
-        its first query if it is big enough.
+        A stored IVF is used as it is (no retraining, no reassignment); an index saved
+        without one trains at its first query if it is big enough.
         """
         try:
             with np.load(path, allow_pickle=False) as z:
                 matrix = z["matrix"]
                 if matrix.ndim != 2:
                     raise ValueError(f"matrix has shape {matrix.shape}")
-                index = cls(
-                    matrix.shape[1], use_faiss=use_faiss, ivf_min_size=ivf_min_size, nprobe=nprobe
-                )
+                index = cls(matrix.shape[1], ivf_min_size=ivf_min_size, nprobe=nprobe)
                 index.slide_names = [str(s) for s in z["slide_names"]]
                 index._matrix = matrix.astype(np.float32, copy=False)
                 index._tile_ids = z["tile_ids"]
@@ -668,24 +658,40 @@ class EmbeddingIndex:
                     raise ValueError("tile_ids/slide_ids do not match the matrix")
                 if "ivf_centroids" in z.files and ivf_min_size is not None:
                     cent = z["ivf_centroids"].astype(np.float32, copy=False)
-                    off = z["ivf_offsets"].astype(np.int64, copy=False)
-                    tail = z["ivf_tail_lists"].astype(np.int32, copy=False)
-                    n_sorted, n_trained, auto = (int(v) for v in z["ivf_state"])
+                    state = [int(v) for v in z["ivf_state"]]
+                    if "ivf_row_lists" in z.files:  # faiss IVF (format 2)
+                        lists = z["ivf_row_lists"].astype(np.int32, copy=False)
+                        n_idx, n_trained, auto = state
+                    else:  # the numpy IVF's format: rows sorted by list, then a tail
+                        off = z["ivf_offsets"].astype(np.int64, copy=False)
+                        tail = z["ivf_tail_lists"].astype(np.int32, copy=False)
+                        n_sorted, n_trained, auto = state
+                        if (
+                            off.ndim != 1
+                            or off.size != cent.shape[0] + 1
+                            or off[0] != 0
+                            or off[-1] != n_sorted
+                            or np.any(np.diff(off) < 0)
+                        ):
+                            raise ValueError("inconsistent IVF arrays")
+                        sizes = np.diff(off)
+                        lists = np.concatenate(
+                            [np.repeat(np.arange(sizes.size, dtype=np.int32), sizes), tail]
+                        )
+                        n_idx = n
                     if (
                         cent.ndim != 2
                         or cent.shape[1] != matrix.shape[1]
-                        or off.shape != (cent.shape[0] + 1,)
-                        or off[0] != 0
-                        or off[-1] != n_sorted
-                        or np.any(np.diff(off) < 0)
-                        or n_sorted + tail.size != n
-                        or (tail.size and (tail.min() < 0 or tail.max() >= cent.shape[0]))
+                        or lists.shape != (n_idx,)
+                        or not 0 < n_idx <= n
+                        or (lists.size and (lists.min() < 0 or lists.max() >= cent.shape[0]))
                     ):
                         raise ValueError("inconsistent IVF arrays")
-                    index._centroids, index._offsets, index._tail_lists = cent, off, tail
-                    index._n_sorted, index._n_trained = n_sorted, n_trained
+                    ivf = _new_ivf(cent)
+                    _add_rows(ivf, index._matrix[:n_idx], 0, lists)
+                    index._ivf, index._centroids, index._row_lists = ivf, cent, lists
+                    index._n_indexed, index._n_trained = n_idx, n_trained
                     index._auto_nprobe = auto
-        except (OSError, KeyError, ValueError) as err:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise SigmmaError(f"not a retrieval index ({err})", path=path) from err
-        index._sync_faiss(True)
         return index

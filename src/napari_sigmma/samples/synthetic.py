@@ -1431,6 +1431,7 @@ def write_synthetic_sample(
     progress: Callable[[str], None] | None = None,
     maxworkers: int = 2,
     workers: int = 1,
+    tile_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Write a synthetic paired sample (procedural H&E + simulated Xenium) into ``out``.
 
@@ -1462,6 +1463,8 @@ def write_synthetic_sample(
         (the cell-feature matrix always has all counts).
     progress
         Optional callable receiving short progress messages.
+    tile_progress
+        Optional ``tile_progress(done, total)`` after each level-0 H&E tile rendered.
     maxworkers
         Threads encoding the H&E tiles (JPEG).
     workers
@@ -1563,10 +1566,16 @@ def write_synthetic_sample(
     else:
         say(f"rendering the {size} x {size} px H&E")
 
+    rendered = [0]
+
     def source(y: int, x: int, h: int, w: int) -> np.ndarray:
         if x == 0 and rows >= 16:
             say(f"H&E tile row {y // FAST_TILE + 1}/{rows}")
-        return ahead(y, x, h, w) if ahead is not None else render_tile(y, x, h, w)
+        tile = ahead(y, x, h, w) if ahead is not None else render_tile(y, x, h, w)
+        if tile_progress is not None:
+            rendered[0] += 1
+            tile_progress(rendered[0], rows * rows)
+        return tile
 
     try:
         write_pyramidal_ome_tiff(

@@ -11,6 +11,7 @@ so an epoch only trains the image heads and the graph encoder. The paper's setti
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,28 +123,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self, path: str | os.PathLike[str] | None = None) -> None:
-        """Check value ranges; raises :class:`SigmmaError` naming ``path``."""
-        problems = []
-        if int(self.tile_px) not in ALLOWED_TILE_PX:
-            problems.append(f"tile_px must be one of {ALLOWED_TILE_PX}")
-        if not self.target_mpp > 0:
-            problems.append("target_mpp must be > 0")
-        if self.graph_method not in GRAPH_METHODS:
-            problems.append(f"graph_method must be one of {GRAPH_METHODS}")
-        if len(self.split_fractions) != 3 or min(self.split_fractions) < 0:
-            problems.append("split_fractions must be three non-negative numbers")
-        if int(self.epochs) < 1:
-            problems.append("epochs must be ≥ 1")
-        if int(self.batch_size) < 2:
-            problems.append("batch_size must be ≥ 2 (contrastive negatives)")
-        if int(self.grad_accum) < 1:
-            problems.append("grad_accum must be ≥ 1")
-        if not self.lr > 0:
-            problems.append("lr must be > 0")
-        if int(self.val_every) < 1:
-            problems.append("val_every must be ≥ 1")
-        if int(self.min_cells) < 1:
-            problems.append("min_cells must be ≥ 1")
+        """Check every value's type and range (:func:`config_problems`); raises
+        :class:`SigmmaError` naming ``path`` and listing every problem."""
+        problems = config_problems(self.to_dict())
         if problems:
             raise SigmmaError("bad training config: " + "; ".join(problems), path=path)
 
@@ -169,6 +151,9 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SigmmaError(f"unknown config keys: {', '.join(unknown)}", path=path)
+        problems = config_problems(d)
+        if problems:
+            raise SigmmaError("bad training config: " + "; ".join(problems), path=path)
         d = dict(d)
         try:
             if "model" in d and d["model"] is not None:
@@ -211,9 +196,16 @@ class TrainConfig:
         except OSError as err:
             raise SigmmaError(f"cannot read config: {err}", path=path) from err
         try:
-            d = yaml.safe_load(text) or {}
+            d = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise SigmmaError(f"not valid YAML: {err}", path=path) from err
+            why = str(err).replace("\n", " ")
+            raise SigmmaError(f"not valid YAML: {why}", path=path) from err
+        if d is None:
+            raise SigmmaError(
+                "the config file is empty: write the settings to change (e.g. 'epochs: 5'), "
+                "or leave out --config for the defaults",
+                path=path,
+            )
         return cls.from_dict(d, path=path)
 
     def replace(self, **changes: Any) -> TrainConfig:
@@ -236,3 +228,168 @@ def _plain(v: Any) -> Any:
     if isinstance(v, os.PathLike):
         return str(v)
     return v
+
+
+# ----------------------------------------------------------------------------- the one check
+# Every setting's type and range, in one table: (kind, test, what the test asks). Kinds:
+# "int" (not bool, not 2.5), "float" (int or float, finite), "bool", "str", and "?" in front
+# for "or null". The model's settings are checked here too (the ModelConfig dataclass only
+# converts). Checked on the raw values, before any conversion (int(2.5) would hide it).
+_Rule = tuple[str, Any, str]
+
+
+def _pos(v: Any) -> bool:
+    return v > 0
+
+
+def _nonneg(v: Any) -> bool:
+    return v >= 0
+
+
+def _at_least(m: int) -> Any:
+    return lambda v: v >= m
+
+
+_TRAIN_RULES: dict[str, _Rule] = {
+    "run_dir": ("str", bool, "a non-empty path"),
+    "tile_px": ("int", lambda v: v in ALLOWED_TILE_PX, f"one of {ALLOWED_TILE_PX}"),
+    "target_mpp": ("float", lambda v: 0 < v <= 100, "in (0, 100] µm/px"),
+    "min_tissue": ("float", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "min_cells": ("int", _at_least(1), "≥ 1"),
+    "graph_method": ("str", lambda v: v in GRAPH_METHODS, f"one of {GRAPH_METHODS}"),
+    "graph_k": ("int", _at_least(1), "≥ 1"),
+    "graph_radius_um": ("float", _pos, "> 0"),
+    "graph_max_dist_um": ("?float", _pos, "> 0 (or null)"),
+    "node_obsm": ("?str", bool, "an obsm key (or null)"),
+    "n_pca": ("int", _at_least(1), "≥ 1"),
+    "split_block": ("int", _at_least(1), "≥ 1"),
+    "split_seed": ("?int", _nonneg, "≥ 0 (or null)"),
+    "split_by_slide": ("bool", None, ""),
+    "epochs": ("int", _at_least(1), "≥ 1"),
+    "batch_size": ("int", _at_least(2), "≥ 2 (contrastive negatives)"),
+    "lr": ("float", _pos, "> 0"),
+    "backbone_lr": ("float", _nonneg, "≥ 0"),
+    "weight_decay": ("float", _nonneg, "≥ 0"),
+    "warmup_steps": ("int", _nonneg, "≥ 0"),
+    "grad_clip": ("float", None, ""),
+    "grad_accum": ("int", _at_least(1), "≥ 1"),
+    "seed": ("int", _nonneg, "≥ 0"),
+    "device": ("str", bool, "a device name (auto, cpu, cuda, cuda:1, mps)"),
+    "patience": ("int", _nonneg, "≥ 0"),
+    "val_every": ("int", _at_least(1), "≥ 1"),
+    "ckpt_every_steps": ("int", _nonneg, "≥ 0"),
+    "max_steps_per_epoch": ("?int", _at_least(1), "≥ 1 (or null)"),
+    "num_workers": ("int", _nonneg, "≥ 0"),
+    "cache_features": ("bool", None, ""),
+    "feature_cache_dir": ("?str", bool, "a path (or null)"),
+    "tile_cache_dir": ("?str", bool, "a path (or null)"),
+}
+
+_MODEL_RULES: dict[str, _Rule] = {
+    "backbone": ("str", bool, "a backbone name"),
+    "checkpoint": ("?str", bool, "a weights file (or null)"),
+    "pretrained": ("bool", None, ""),
+    "img_size": ("?int", lambda v: 16 <= v <= 4096, "in [16, 4096] px (or null)"),
+    "embed_dim": ("int", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    "hidden": ("int", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    "head": ("str", lambda v: v in ("mlp", "linear"), "'mlp' or 'linear'"),
+    "head_hidden": ("int", lambda v: 1 <= v <= 65536, "in [1, 65536]"),
+    "candidate_k": ("?int", _at_least(1), "≥ 1 (or null)"),
+    "candidate_cap": ("?int", _at_least(1), "≥ 1 (or null)"),
+    "dense_k": ("?int", _at_least(1), "≥ 1 (or null)"),
+    "use_graph": ("bool", None, ""),
+    "sparsify": ("bool", None, ""),
+    "edge_temperature": ("float", _pos, "> 0"),
+    "init_temperature": ("float", _pos, "> 0"),
+    "learn_temperature": ("bool", None, ""),
+    "finetune": ("str", lambda v: v in ("frozen", "last_k", "full"), "frozen, last_k or full"),
+    "last_k": ("int", _at_least(1), "≥ 1"),
+    "fast_multicrop": ("bool", None, ""),
+    "crop_chunk": ("?int", _at_least(1), "≥ 1 (or null)"),
+}
+
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def _type_ok(kind: str, v: Any) -> bool:
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if kind == "bool":
+        return isinstance(v, bool)
+    return isinstance(v, str | os.PathLike)
+
+
+def _check_rules(d: dict[str, Any], rules: dict[str, _Rule], prefix: str) -> list[str]:
+    out = []
+    for key, (kind, test, want) in rules.items():
+        if key not in d:
+            continue
+        v = d[key]
+        optional = kind.startswith("?")
+        kind = kind.lstrip("?")
+        if v is None and optional:
+            continue
+        if not _type_ok(kind, v):
+            word = _KIND_WORDS[kind] + (" or null" if optional else "")
+            out.append(f"{prefix}{key} must be {word}, got {v!r}")
+        elif test is not None and not test(v if kind != "str" else str(v)):
+            out.append(f"{prefix}{key} must be {want}, got {v!r}")
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def config_problems(d: dict[str, Any]) -> list[str]:
+    """Every type and range problem of a training config given as a plain dict (the
+    ``config.yaml`` / :meth:`TrainConfig.to_dict` shape; keys left out keep their defaults).
+
+    The one place config values are checked: :meth:`TrainConfig.from_dict`,
+    :meth:`TrainConfig.validate` and ``napari-sigmma check`` all use it.
+    """
+    problems = _check_rules(d, _TRAIN_RULES, "")
+    if "data" in d:
+        data = d["data"]
+        items = [data] if isinstance(data, str | os.PathLike) else data
+        if not isinstance(items, list | tuple) or not all(
+            isinstance(p, str | os.PathLike) and str(p) for p in items
+        ):
+            problems.append(f"data must be a path or a list of paths, got {data!r}")
+    if "split_fractions" in d:
+        f = d["split_fractions"]
+        if (
+            not isinstance(f, list | tuple)
+            or len(f) != 3
+            or not all(_is_number(x) and x >= 0 for x in f)
+        ):
+            problems.append(
+                f"split_fractions must be three non-negative numbers (train, val, test), got {f!r}"
+            )
+        elif abs(sum(f) - 1) > 1e-3:
+            problems.append(f"split_fractions must sum to 1, got {f!r} (sum {sum(f):g})")
+        elif not f[0] > 0:
+            problems.append(f"split_fractions must give the training part a share > 0, got {f!r}")
+    m = d.get("model")
+    if isinstance(m, dict):
+        problems += _check_rules(m, _MODEL_RULES, "model.")
+        if "gnn_layers" in m:
+            g = m["gnn_layers"]
+            if (
+                not isinstance(g, list | tuple)
+                or len(g) != 3
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in g)
+            ):
+                problems.append(
+                    f"model.gnn_layers must be three whole numbers ≥ 0 (micro, meso, macro), "
+                    f"got {g!r}"
+                )
+        if "scales" in m:
+            sc = m["scales"]
+            if not isinstance(sc, list | tuple) or not all(isinstance(x, str) for x in sc):
+                problems.append(f"model.scales must be a list of scale names, got {sc!r}")
+    elif m is not None and "model" in d and not dataclasses.is_dataclass(m):
+        problems.append(f"model must be a mapping of model settings, got {m!r}")
+    return problems
