@@ -84,10 +84,9 @@ def test_one_zarr_slide_gets_one_cache_folder_in_live_view_and_retrieval(
     """The live view's worker and the retrieval widget's worker name a ``.zarr`` slide by the
     same rule, so they share one disk-cache folder and encode each tile once."""
     from _train_data import tiny_cfg
-
     from napari_sigmma.io import load_any
     from napari_sigmma.io.store import write_sdata
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
     from napari_sigmma.viewer.dock import _live_steps
     from napari_sigmma.viewer.retrieval import _load_engine
 

@@ -1,7 +1,7 @@
 """Malicious pickles never run (issue 8).
 
 A crafted checkpoint whose unpickling would create a marker file is handed to every place
-that reads weights: ``train.trainer.load_checkpoint``, ``napari-sigmma embed --checkpoint``,
+that reads weights: ``train.checkpoint.load_checkpoint``, ``napari-sigmma embed --checkpoint``,
 ``models.backbones.create_backbone(checkpoint=)``, the live viewer's loader
 (``analysis.liverun.load_live_run``, what the main dock's worker calls) and a resumed
 training run. Each must refuse it with a SigmmaError naming the file, and the marker must
@@ -25,8 +25,9 @@ import torch
 
 from _train_data import tiny_cfg
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.train.checkpoint import load_checkpoint
 from napari_sigmma.train.config import TrainConfig
-from napari_sigmma.train.trainer import load_checkpoint, train
+from napari_sigmma.train.loop import train
 
 
 class _Payload:
@@ -176,7 +177,8 @@ def test_poisoned_caches_are_refused_or_rebuilt(finished_run: TrainConfig, tmp_p
 
     from napari_sigmma.analysis.genehead import GeneHead
     from napari_sigmma.tiles.features import NodeFeaturizer
-    from napari_sigmma.train.trainer import cached_crop_features, load_slides, model_from_checkpoint
+    from napari_sigmma.train.checkpoint import model_from_checkpoint
+    from napari_sigmma.train.data import cached_crop_features, load_slides
 
     marker = tmp_path / "PWNED"
     poison = np.empty(1, dtype=object)

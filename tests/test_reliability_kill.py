@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from _train_data import tiny_cfg
-from napari_sigmma.train.trainer import load_checkpoint, train
+from napari_sigmma.train.checkpoint import load_checkpoint
+from napari_sigmma.train.loop import train
 
 # ~30 optimiser steps, a checkpoint after each.
 CHANGES = {"ckpt_every_steps": 1, "epochs": 3, "batch_size": 2, "grad_accum": 1}
@@ -32,7 +33,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from _train_data import tiny_cfg
-from napari_sigmma.train.trainer import train
+from napari_sigmma.train.loop import train
 import io, os, signal, torch
 # Crash harness: SIGKILL this process half-way through its n-th checkpoint write (the
 # bytes written so far are flushed to the temp file), like a power cut mid-write.

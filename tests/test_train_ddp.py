@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from _train_data import tiny_cfg
-from napari_sigmma.train.trainer import load_checkpoint
+from napari_sigmma.train.checkpoint import load_checkpoint
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -> N
     import json
 
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     written: list[str] = []
 
@@ -39,6 +39,21 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -> N
         def on_checkpoint(self, path):
             written.append(str(path))
 
+    # Per-rank checksum of the trained parameters after every optimiser step (recorded
+    # around AdamW.step: the ranks' shards differ, so only synchronised gradients keep
+    # the replicas equal).
+    checksums: list[float] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_step(self, *args, **kwargs)
+        with torch.no_grad():
+            checksums.append(
+                float(sum(p.double().sum() for g in self.param_groups for p in g["params"]))
+            )
+        return out
+
+    torch.optim.AdamW.step = step
     res = train(TrainConfig.from_dict(cfg_dict), callbacks=Record())
     Path(out_dir, f"rank{rank}.json").write_text(
         json.dumps(
@@ -47,6 +62,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, out_dir: str) -> N
                 "steps": res.global_step,
                 "losses": res.step_losses,
                 "checkpoints": written,
+                "checksums": checksums,
             }
         )
     )
@@ -75,6 +91,11 @@ def test_ddp_two_gloo_processes(synthetic_small, tmp_path):
     assert r0["steps"] == r1["steps"] == 2
     # Logged losses are averaged over the ranks, so both report the same numbers.
     assert r0["losses"] == r1["losses"]
+    # The replicas stay identical after every step (DDP averages the gradients), and the
+    # steps do change them.
+    assert len(r0["checksums"]) == len(r1["checksums"]) == 2
+    assert r0["checksums"] == r1["checksums"]
+    assert r0["checksums"][0] != r0["checksums"][1]
     # Only rank 0 writes files.
     assert r0["checkpoints"] and not r1["checkpoints"]
     ck = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")

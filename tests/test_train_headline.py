@@ -15,7 +15,7 @@ import time
 import pytest
 
 from napari_sigmma.train.config import TrainConfig
-from napari_sigmma.train.trainer import train
+from napari_sigmma.train.loop import train
 
 
 @pytest.mark.slow

@@ -19,15 +19,10 @@ import pytest
 import torch
 
 from _train_data import TINY_MODEL, tiny_cfg
+from napari_sigmma.train.checkpoint import load_checkpoint, model_from_checkpoint
 from napari_sigmma.train.config import TrainConfig
-from napari_sigmma.train.trainer import (
-    RunResult,
-    epoch_batches,
-    load_checkpoint,
-    model_from_checkpoint,
-    train,
-    warmup_cosine,
-)
+from napari_sigmma.train.data import epoch_batches
+from napari_sigmma.train.loop import RunResult, train, warmup_cosine
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +99,7 @@ def test_checkpoints_are_plain_and_load_with_weights_only(baseline):
 def test_node_features_are_fitted_on_training_tiles_only(baseline, synthetic_small):
     from napari_sigmma.tiles.features import NodeFeaturizer
     from napari_sigmma.tiles.split import TileSplit
-    from napari_sigmma.train.trainer import load_slides
+    from napari_sigmma.train.data import load_slides
 
     cfg, _ = baseline
     run = Path(cfg.run_dir)
@@ -329,7 +324,9 @@ def test_epoch_batches_shard_like_distributed_sampler():
     assert [len(b) for b in b0] == [len(b) for b in b1] == [3, 3]
     flat = [i for b in (*b0, *b1) for i in b]
     assert sorted(flat) == sorted([*range(11), 0])
-    assert epoch_batches(np.arange(9), 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # a lone tile dropped
+    # a lone last tile is merged into the batch before it (no 1-tile contrastive batch)
+    assert epoch_batches(np.arange(9), 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert epoch_batches(np.arange(1), 4) == []  # a lone tile alone: nothing to contrast
     f = warmup_cosine(10, 3)
     assert [round(f(s), 3) for s in (0, 2, 3)] == [0.333, 1.0, 1.0] and f(9) < 0.1
 

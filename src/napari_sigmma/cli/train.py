@@ -2,15 +2,18 @@
 
 Builds a :class:`~napari_sigmma.train.config.TrainConfig` from ``--config`` (or, with
 ``--resume``, the run folder's ``config.yaml``; else the defaults), applies the flags, and
-runs :func:`~napari_sigmma.train.trainer.train`. The first Ctrl-C asks the trainer to stop:
-it writes a checkpoint and the run can be continued with ``--resume``. Under ``torchrun``
-every process runs this command; only rank 0 prints.
+runs :func:`~napari_sigmma.train.loop.train`. The first Ctrl-C asks the trainer to stop:
+it writes a checkpoint and the run can be continued with the printed command
+(``--out RUN --resume``: the data and every setting come from the run's ``config.yaml``).
+Progress bars (feature pre-computation, training steps) go to stderr unless ``--quiet``.
+Under ``torchrun`` every process runs this command; only rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -46,7 +49,9 @@ def build_train_config(args: argparse.Namespace) -> Any:
         changes["data"] = [str(p) for p in expand_data(args.data)]
     if out is not None:
         changes["run_dir"] = str(out)
-    if getattr(args, "epochs", None):
+    if getattr(args, "epochs", None) is not None:
+        if int(args.epochs) < 1:
+            raise SigmmaError(f"--epochs {args.epochs}: nothing to train (give 1 or more)")
         changes["epochs"] = int(args.epochs)
     if getattr(args, "device", None):
         changes["device"] = str(args.device)
@@ -62,15 +67,41 @@ def build_train_config(args: argparse.Namespace) -> Any:
 
 
 class _Printer:
-    """Console progress for the CLI (rank 0)."""
+    """Console progress for the CLI (rank 0): tqdm bars on stderr for the crop-feature
+    pre-computation and the optimiser steps, one line per epoch (losses, recalls) on
+    stdout. Bars are off under ``--quiet`` (see :mod:`napari_sigmma.progress`)."""
 
-    def __init__(self, every: int = 10) -> None:
-        self.every = every
+    def __init__(self) -> None:
+        self._steps: Any = None
+        self._features: Any = None
+
+    def on_features(self, done: int, total: int) -> None:
+        from napari_sigmma.progress import Bar
+
+        if self._features is None and _rank() == 0:
+            self._features = Bar("crop features", total, unit="tile")
+        if self._features is not None:
+            self._features(done, total)
+            if done >= total:
+                self._features.close()
+
+    def on_train_start(self, total_steps: int, done_steps: int) -> None:
+        from napari_sigmma.progress import Bar
+
+        if self._features is not None:
+            self._features.close()
+        if _rank() == 0:
+            self._steps = Bar("training", total_steps, unit="step")
+            self._steps(done_steps, total_steps)
 
     def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
-        if step == 1 or step % self.every == 0:
-            ps = " ".join(f"{k}={v:.3f}" for k, v in parts.items())
-            _say(f"  step {step:5d}  epoch {epoch}  loss {loss:.4f}  ({ps})")
+        if self._steps is not None:
+            self._steps(step)
+
+    def close(self) -> None:
+        for b in (self._steps, self._features):
+            if b is not None:
+                b.close()
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         msg = f"epoch {epoch}: train loss {metrics.get('train_loss', float('nan')):.4f}"
@@ -85,12 +116,16 @@ class _Printer:
 
 def run(args: argparse.Namespace) -> int:
     """Entry of ``napari-sigmma train``; returns the exit code (130 when cancelled)."""
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma import progress
+    from napari_sigmma.train.loop import train
 
+    resume = bool(getattr(args, "resume", False))
+    if resume and getattr(args, "out", None) is None and getattr(args, "config", None) is None:
+        raise SigmmaError("--resume needs --out: the run folder to continue")
     cfg = build_train_config(args)
     if not cfg.data:
         raise SigmmaError("no data: pass --data")
-    resume = bool(getattr(args, "resume", False))
+    progress.set_enabled(not getattr(args, "quiet", False))
     _say(
         f"training {cfg.model.backbone} ({cfg.model.finetune}) on {len(cfg.data)} slide(s) "
         f"→ {cfg.run_dir}" + (" (resuming)" if resume else "")
@@ -106,9 +141,11 @@ def run(args: argparse.Namespace) -> int:
             cancel.set()
 
         previous = signal.signal(signal.SIGINT, on_sigint)
+    printer = _Printer()
     try:
-        result = train(cfg, callbacks=_Printer(), cancel=cancel, resume=resume)
+        result = train(cfg, callbacks=printer, cancel=cancel, resume=resume)
     finally:
+        printer.close()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     _say(
@@ -126,15 +163,25 @@ def run(args: argparse.Namespace) -> int:
                     f"ST→HE R@5% {tm[f'{s}/st2he@5']:.3f}  (n={tm.get('n_tiles')})"
                 )
     if result.status == "cancelled":
-        _say(f"resume with: napari-sigmma train --out {cfg.run_dir} --resume")
+        _say(f"resume with: {resume_command(cfg.run_dir)}")
         return 130
     return 0
+
+
+def resume_command(run_dir: str | os.PathLike[str]) -> str:
+    """The command that continues a stopped run, quoted for a POSIX shell. It works as
+    printed: ``--resume`` reads the data and every setting from the run's config.yaml."""
+    return f"napari-sigmma train --out {shlex.quote(str(run_dir))} --resume"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add the ``train`` subcommand to ``sub``."""
     t = sub.add_parser("train", help="train or fine-tune the SIGMMA encoders")
-    t.add_argument("--data", type=Path, required=True, help="Xenium / HEST folder or .zarr")
+    t.add_argument(
+        "--data",
+        type=Path,
+        help="Xenium / HEST folder or .zarr (with --resume: read from the run's config.yaml)",
+    )
     t.add_argument("--config", type=Path, help="YAML config (CLI flags override it)")
     t.add_argument("--out", type=Path, help="run folder")
     t.add_argument("--epochs", type=int)
@@ -143,4 +190,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--finetune", choices=["frozen", "last_k", "full"])
     t.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=run)

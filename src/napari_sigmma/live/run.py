@@ -1,6 +1,6 @@
 """A trained run, ready for the live viewer: model, node features, tiling, gene head.
 
-:func:`load_live_run` reads a checkpoint written by :func:`napari_sigmma.train.trainer.train`
+:func:`load_live_run` reads a checkpoint written by :func:`napari_sigmma.train.loop.train`
 (``torch.load(weights_only=True)``), rebuilds the model and its node-feature transform, and
 picks up the tiling and graph settings the model was trained with, so the live engine tiles
 and builds graphs exactly as training did. The gene head (``<run>/gene_head.npz``) is read
@@ -61,6 +61,7 @@ class LiveRun:
     checkpoint_hash: str
     slides: list[dict[str, str]]
     gene_head: GeneHead | None = None
+    epoch: int | None = None  # the checkpoint's epoch (how it is named in the viewer)
 
     @property
     def tile_px(self) -> int:
@@ -95,9 +96,12 @@ class LiveRun:
         device: Any = "auto",
         cache_dir: str | os.PathLike[str] | None = None,
         batch_size: int = 4,
+        edge_mode: str | None = None,
         **kwargs: Any,
     ) -> EmbeddingEngine:
-        """An :class:`~napari_sigmma.live.engine.EmbeddingEngine` for ``paired``."""
+        """An :class:`~napari_sigmma.live.engine.EmbeddingEngine` for ``paired``
+        (``edge_mode``: the edge sampler's evaluation mode,
+        :data:`napari_sigmma.models.edges.EDGE_MODES`; None = the model's, ``expected``)."""
         from napari_sigmma.live.engine import EmbeddingEngine
 
         return EmbeddingEngine(
@@ -112,6 +116,7 @@ class LiveRun:
             batch_size=batch_size,
             gene_head=self.gene_head,
             run=str(self.run_dir or self.checkpoint),
+            edge_mode=edge_mode,
             **kwargs,
         )
 
@@ -141,18 +146,17 @@ def load_live_run(checkpoint: str | os.PathLike[str], *, cancel: CancelLike = No
     head); when set, :class:`~napari_sigmma.errors.Cancelled` is raised.
     """
     from napari_sigmma.live.engine import file_hash
+    from napari_sigmma.train.checkpoint import (
+        graph_settings,
+        load_checkpoint,
+        model_from_checkpoint,
+        resolve_checkpoint,
+    )
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.trainer import graph_settings, load_checkpoint, model_from_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
-        for cand in (path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt",
-                     path / "best.pt", path / "last.pt"):  # fmt: skip
-            if cand.is_file():
-                path = cand
-                break
-        else:
-            raise SigmmaError("no checkpoints/best.pt or last.pt in the run folder", path=path)
+        path = resolve_checkpoint(path)
     check_cancel(cancel)
     ckpt = load_checkpoint(path)
     check_cancel(cancel)
@@ -172,6 +176,7 @@ def load_live_run(checkpoint: str | os.PathLike[str], *, cancel: CancelLike = No
         graph_settings=gs,
         checkpoint_hash=file_hash(path),
         slides=[dict(s) for s in ckpt.get("slides", [])],
+        epoch=int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), int) else None,
     )
     check_cancel(cancel)
     if run.gene_head_path.is_file():
