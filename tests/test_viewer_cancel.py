@@ -34,7 +34,7 @@ from napari_sigmma.errors import Cancelled
 
 @pytest.fixture(scope="module")
 def trained(embedded_bundle, tmp_path_factory):
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     root = tmp_path_factory.mktemp("cancel-run")
     cfg = tiny_cfg(
@@ -500,5 +500,9 @@ def test_dock_refuses_malicious_checkpoint(
     dock.set_checkpoint(str(trained.ckpt))
     qtbot.waitUntil(lambda: not dock.busy, timeout=60_000)
     assert dock.checkpoint == str(trained.ckpt) and dock.run is not None
-    assert dock.status.text() == f"Model: {trained.ckpt}"
+    # named by its run and epoch, the file in the tooltip
+    from napari_sigmma.viewer.session import model_label
+
+    assert dock.status.text() == f"Model: {model_label(dock.run, str(trained.ckpt))}"
+    assert "epoch" in dock.status.text() and dock.status.toolTip() == str(trained.ckpt)
     assert not marker.exists()

@@ -195,12 +195,13 @@ def test_overlays_for_exactly_the_visible_tiles_then_cache(make_napari_viewer, q
         meta = ly.metadata
         assert meta["run"] == "test-run" and meta["sdata_element"] in ("he_image", "table")
         if meta["sigmma_kind"] == "gene_measured":
-            # data, shown for the whole slide, beside it (right of the H&E, same rows)
-            he_ext = np.asarray(layer.extent.world)
-            ext = np.asarray(ly.extent.world)
-            assert ext[0, -1] > he_ext[1, -1]
+            # data, shown for the whole slide, on the H&E where the predicted map is (the
+            # grid view puts them side by side: Home keeps framing the slide), on the
+            # predicted map's colour scale, both with a colourbar
             pred = next(p for p in sig if p.metadata["sigmma_kind"] == "gene_predicted")
-            np.testing.assert_allclose(ext[:, -2], np.asarray(pred.extent.world)[:, -2])
+            np.testing.assert_allclose(ly.extent.world, pred.extent.world)
+            assert tuple(ly.contrast_limits) == tuple(pred.contrast_limits)
+            assert ly.colorbar.visible and pred.colorbar.visible
             continue
         want = valid if meta["sigmma_kind"] in ("cell_clusters", "edges") else expected
         if meta["sigmma_kind"] == "edges" and meta["scale"] != "micro":

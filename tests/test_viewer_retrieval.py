@@ -44,7 +44,7 @@ def trained(embedded_bundle, tmp_path_factory):
     from napari_sigmma.io import load_any
     from napari_sigmma.live.run import fit_run_gene_head, load_live_run
     from napari_sigmma.tiles.paired import PairedSlide
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     root = tmp_path_factory.mktemp("retrieval-run")
     cfg = tiny_cfg(
@@ -75,17 +75,18 @@ def _viewer_with_he(make_napari_viewer, t):
     return viewer, layer, cells
 
 
-def _click(layer, world) -> None:
-    """A left click (press, release, no move) through napari's callback dispatch."""
+def _click(viewer, world) -> None:
+    """A left click (press, release, no move) through napari's viewer-level callback
+    dispatch (what the canvas calls whatever layer is selected)."""
     from napari.utils.interactions import mouse_press_callbacks, mouse_release_callbacks
 
     ev = SimpleNamespace(
         position=tuple(world), type="mouse_press", button=1, modifiers=(), is_dragging=False,
         handled=False, view_direction=None, dims_displayed=[0, 1], pos=(0, 0), delta=(0, 0),
     )  # fmt: skip
-    mouse_press_callbacks(layer, ev)
+    mouse_press_callbacks(viewer, ev)
     ev.type = "mouse_release"
-    mouse_release_callbacks(layer, ev)
+    mouse_release_callbacks(viewer, ev)
 
 
 def _own_ranks(se, scale):
@@ -104,6 +105,7 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
 
     from napari_sigmma.retrieval.query import RETRIEVAL_FILE, SlideEmbeddings
     from napari_sigmma.viewer.retrieval import (
+        COL,
         RESULTS_LAYER,
         RetrievalWidget,
         save_retrieval_screenshot,
@@ -139,7 +141,7 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
     x0, y0, x1, y1 = grid.bounds[q]
     world = layer.data_to_world(np.array([(y0 + y1) / 2, (x0 + x1) / 2]))
     n_before = t.counter.n
-    _click(layer, world)
+    _click(viewer, world)
     assert t.counter.n == n_before  # everything was indexed: the click encodes nothing
     assert w.last_query["direction"] == "he→st" and w.last_query["tile_index"] == q
     # the table against an independent ranking of the same embeddings
@@ -149,10 +151,16 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
     assert got == want
     assert w.matches[0].tile_index == q  # the tile's own ST partner comes first
     assert w.table.rowCount() == 5
-    assert w.table.item(0, 0).text() == "1" and w.table.item(0, 2).text() == t.paired.name
+    col = COL
+    assert w.table.item(0, 0).text() == "1"
+    assert w.table.item(0, col["slide"]).text() == t.paired.name
     assert float(w.table.item(0, 1).text()) == pytest.approx(sim[j, j], abs=1e-3)
-    assert "%" in w.table.item(0, 4).text()  # cell types of the embedded sample
-    assert w.table.item(0, 5).text() != "—"
+    assert "%" in w.table.item(0, col["cell types"]).text()  # cell types of the sample
+    assert w.table.item(0, col["top genes"]).text() != "—"
+    # each similarity with its percentile among every candidate ST tile (numpy check)
+    pct = 100 * np.mean(sim[j] < sim[j, j] - 1e-6)
+    assert float(w.table.item(0, col["percentile"]).text()) == pytest.approx(pct, abs=0.1)
+    assert "own ST partner ranks 1 of" in w.status.text()
     res = next(ly for ly in viewer.layers if ly.name == RESULTS_LAYER)
     assert len(res.data) == 1 + 5  # query outline + 5 numbered matches
     labels = list(res.features["label"])
@@ -177,11 +185,11 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
 
     ev = SimpleNamespace(position=tuple(world), type="mouse_press", button=1, modifiers=(),
                          is_dragging=False, handled=False)  # fmt: skip
-    mouse_press_callbacks(layer, ev)
+    mouse_press_callbacks(viewer, ev)
     ev.type, ev.is_dragging = "mouse_move", True
-    mouse_move_callbacks(layer, ev)
+    mouse_move_callbacks(viewer, ev)
     ev.type = "mouse_release"
-    mouse_release_callbacks(layer, ev)
+    mouse_release_callbacks(viewer, ev)
     assert w.last_query == {}
 
     # a reference slide (here the same bundle again, encoded by the same model in its own
@@ -192,7 +200,7 @@ def test_he_click_to_st_matches_and_st_to_he(make_napari_viewer, qtbot, trained,
     top2 = w.query_tile(q)[:2]
     assert {(m.slide, m.tile_index) for m in top2} == {(t.paired.name, q), (ref_name, q)}
     assert top2[0].similarity == pytest.approx(top2[1].similarity, abs=1e-4)
-    assert w.table.item(0, 2).text() in (t.paired.name, ref_name)
+    assert w.table.item(0, COL["slide"]).text() in (t.paired.name, ref_name)
     ref_row = next(i for i, m in enumerate(w.matches) if m.slide == ref_name)
     w.go_to(ref_row)
     assert "reference slide" in w.status.text()
@@ -359,7 +367,7 @@ def test_queries_never_build_the_ivf_on_the_gui_thread(make_napari_viewer, qtbot
     q = ids[int(np.argmin(ranks))]
     x0, y0, x1, y1 = grid.bounds[q]
     world = layer.data_to_world(np.array([(y0 + y1) / 2, (x0 + x1) / 2]))
-    _click(layer, world)
+    _click(viewer, world)
     assert w.last_query["tile_index"] == q
     keys = [(name, i) for name in w.store.slides for i in sorted(w.store.slides[name].st[SCALE])]
     st = np.stack([w.store.slides[name].st[SCALE][i] for name, i in keys])
@@ -376,7 +384,7 @@ def test_queries_never_build_the_ivf_on_the_gui_thread(make_napari_viewer, qtbot
     builds = st_index.builds + he_index.builds
     assert builds and all(b["thread"] != main for b in builds)
     n_builds = len(st_index.builds)
-    _click(layer, world)  # through the IVF now; nothing is built
+    _click(viewer, world)  # through the IVF now; nothing is built
     assert len(st_index.builds) == n_builds
     got = [(m.slide, m.tile_index) for m in w.matches]
     assert got == [(s, i) for s, i, _ in st_index.query(v, 5)]

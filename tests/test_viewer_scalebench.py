@@ -63,7 +63,7 @@ def test_walk_a_slide_in_the_viewer(make_napari_viewer, slide_8k: Path) -> None:
     from napari.utils._dask_utils import _DASK_CACHE
 
     viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1000, 700)
+    viewer.window.resize(1000, 700)
     (layer,) = viewer.open(str(slide_8k), plugin=PLUGIN)
     assert layer.multiscale and layer.rgb
     assert len(layer.data) == 5 and all(isinstance(a, da.Array) for a in layer.data)

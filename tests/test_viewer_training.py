@@ -55,7 +55,17 @@ def test_train_cancel_resume_and_load(viewer_with_sample, qtbot, tmp_path: Path)
 
     widget.start()
     assert widget.running
+    # the longest phases come before the first optimiser step: the widget says so at once
+    assert widget.phase_label.text() and widget.phase_bar.maximum() == 0  # busy bar
     qtbot.waitUntil(lambda: len(widget.losses) >= 1, timeout=300_000)
+    log = widget.progress_log
+    first_step = next(i for i, e in enumerate(log) if e[0] == "step")
+    before = log[:first_step]
+    assert before[0][0] == "preparing"
+    # the trainer's own report of the run's steps (and, with a frozen backbone, each
+    # feature batch) reached the widget before the first step did
+    assert any(e[0] == "steps" and e[2] > 0 for e in before), before
+    assert all(b[3] <= log[first_step][3] for b in before)
     t0 = time.monotonic()
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
@@ -91,7 +101,7 @@ def test_close_asks_while_training(viewer_with_sample, qtbot, tmp_path: Path) ->
     widget.start()
     qtbot.waitUntil(lambda: widget.running, timeout=10_000)
     widget.close_answer = False  # the user says "no, keep training"
-    viewer.window._qt_window.close()
+    widget.window().close()  # the napari main window holding the dock
     assert widget.running
     widget.close_answer = True  # now "yes": training stops with a checkpoint
     widget.cancel(wait=True, timeout=300)

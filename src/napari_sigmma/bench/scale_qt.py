@@ -223,14 +223,14 @@ def view_slide_bench(
 
     rss_start = rss_mb()
     import napari
-    from napari.utils._dask_utils import _DASK_CACHE
+    from napari.utils import resize_dask_cache
 
     from napari_sigmma.bench.host import peak_rss_mb
     from napari_sigmma.bench.scale import camera_walk
 
     viewer = napari.Viewer(title="napari-sigmma scale bench", show=True)
     try:
-        viewer.window._qt_window.resize(*window)
+        viewer.window.resize(*window)
         from qtpy.QtWidgets import QApplication
 
         for _ in range(20):
@@ -287,7 +287,8 @@ def view_slide_bench(
             ],
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_rss_source": "VmHWM" if _has_hwm() else "ru_maxrss",
-            "dask_cache_mb": round(_DASK_CACHE.cache.available_bytes / 2**20, 1),
+            # napari's public call returns the cache as it is when it exists
+            "dask_cache_mb": round(resize_dask_cache().cache.available_bytes / 2**20, 1),
             # the texture: one block per view, at most the canvas plus a chunk each side
             "largest_block_px": list(max(walk["blocks"], key=lambda b: b[0] * b[1])),
         }

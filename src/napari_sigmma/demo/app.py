@@ -4,7 +4,10 @@ live SIGMMA overlays of the demo model.
 The demo model (vit_tiny, so the attention heads are a trained ViT's) is trained on the
 embedded sample on first use, with progress printed, and cached. With ``screenshots`` set,
 the viewer is shown (a screenshot needs a real, shown window; under Xvfb that is a virtual
-screen), one screenshot per overlay kind is written there, and the program exits.
+screen), one screenshot per overlay kind is written there, and the program exits. The
+screenshots are of the whole window: the legend panel (cell types, each scale's clusters
+with what they are made of, the colour scales) is docked beside the canvas, and the
+continuous layers (gene maps, attention) show their colourbars.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def _zoom_to_tissue(viewer: Any, dock: Any, *, tiles_across: int = 4) -> None:
         h, w = layer.data[0].shape[:2] if layer.multiscale else layer.data.shape[:2]
         centre = np.array([h / 2 * mpp, w / 2 * mpp])
     viewer.camera.center = tuple(centre)
-    canvas_w = max(viewer.window._qt_viewer.canvas.size[0], 400)
+    canvas_w = max(int(viewer.canvas.size[-1]), 400)  # (height, width)
     tile_um = 256 * 0.5
     viewer.camera.zoom = canvas_w / (tiles_across * tile_um)
 
@@ -121,13 +124,15 @@ def run_demo(
     print(f"demo model: {ckpt} ({time.monotonic() - t0:.0f} s)", flush=True)
 
     viewer = napari.Viewer(title="napari-sigmma demo", show=True)
-    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window.resize(1700, 1000)
     viewer.open(str(sample), plugin="napari-sigmma")
     _, dock = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
     _, training = viewer.window.add_plugin_dock_widget(
         "napari-sigmma", "SIGMMA training", tabify=True
     )
     dock.parent().raise_()
+    # the legend says what each colour means: its own dock, always in view
+    _, legend = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA legend")
     folder = Path(screenshots) if screenshots is not None else None
     written: list[Path] = []
     if folder is not None:
@@ -159,11 +164,15 @@ def run_demo(
     _process_events(1.0)
     for name, kinds in OVERLAY_SHOTS.items():
         _show_only(viewer, kinds)
+        legend.refresh()
         if "gene_measured" in kinds:
-            # the measured map sits right of the slide: frame the view and its twin
-            center, zoom = _frame_beside(viewer, dock)
+            # measured and predicted side by side in napari's grid view (one camera)
+            from napari_sigmma.viewer.legend import side_by_side
+
+            side_by_side(viewer, True)
+            _process_events(2.0)
             written.append(save_window_screenshot(viewer, folder / name))
-            viewer.camera.center, viewer.camera.zoom = center, zoom
+            side_by_side(viewer, False)
             continue
         written.append(save_window_screenshot(viewer, folder / name))
     for layer in _overlay_layers(viewer):
@@ -178,27 +187,9 @@ def run_demo(
     return 0 if ok else 1
 
 
-def _frame_beside(viewer: Any, dock: Any) -> tuple[tuple[float, ...], float]:
-    """Zoom out so the current view and the same region of the measured gene map (one
-    slide width to the right) are both on screen; returns the camera to restore."""
-    cam = viewer.camera
-    center, zoom = tuple(cam.center), float(cam.zoom)
-    ctl = getattr(dock, "controller", None)
-    overlays = getattr(ctl, "overlays", None)
-    if overlays is None:
-        return center, zoom
-    shift = overlays.measured_offset_px() * float(overlays.frame.scale[-1])
-    canvas_w = float(viewer.canvas.size[-1])  # (height, width)
-    width = canvas_w / zoom
-    cam.center = (*center[:-1], center[-1] + shift / 2)
-    cam.zoom = canvas_w / (width + shift) * 0.98
-    _process_events(2.0)  # the pyramid loads the coarser level
-    return center, zoom
-
-
 def _close_cleanly(viewer: Any) -> None:
     """Let background workers (a model loader may still run) end before the process does."""
-    from superqt.utils._qthreading import WorkerBase
+    from napari.qt.threading import WorkerBase
 
     WorkerBase.await_workers(msecs=120_000)
     _process_events(0.2)

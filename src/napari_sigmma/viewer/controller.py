@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
-from napari_sigmma.io import release_thread_dask_pool
 from napari_sigmma.live.visible import clip_box, visible_tiles
 from napari_sigmma.viewer.overlays import Frame, LiveOverlays
+from napari_sigmma.viewer.tasks import TaskRunner
 
 if TYPE_CHECKING:
     import napari
@@ -100,37 +100,6 @@ def view_box_level0(viewer: napari.Viewer, layer: Any) -> tuple[float, float, fl
     return float(lo[1]), float(lo[0]), float(hi[1]), float(hi[0])
 
 
-class _CloseFilter(QObject):
-    """Calls ``callback`` when the watched window is about to close."""
-
-    def __init__(self, callback: Callable[[], None]) -> None:
-        super().__init__()
-        self._callback = callback
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.Close:
-            self._callback()
-        return False
-
-
-def watch_window_close(viewer: Any, callback: Callable[[], None]) -> QObject | None:
-    """Call ``callback`` when the viewer's window is about to close (keep the returned
-    filter referenced); ``None`` for a viewer without a window."""
-    qt_window = getattr(getattr(unwrap(viewer), "window", None), "_qt_window", None)
-    if qt_window is None:
-        return None
-
-    def guarded() -> None:
-        try:
-            callback()
-        except RuntimeError:  # the widget behind ``callback`` is already deleted
-            pass
-
-    flt = _CloseFilter(guarded)
-    qt_window.installEventFilter(flt)
-    return flt
-
-
 class LiveController(QObject):
     """Keeps the SIGMMA overlays in step with what the viewer shows.
 
@@ -169,6 +138,7 @@ class LiveController(QObject):
     status_changed = Signal(str)
     shown = Signal(object)  # list of tile ids drawn by the last update
     clusters_changed = Signal(object)
+    closing = Signal()  # close() started: sessions and widgets let go of the controller
 
     def __init__(
         self,
@@ -218,16 +188,14 @@ class LiveController(QObject):
         self._newest_fit: ClusterSet | None = None  # also fits not drawn yet
         self._fit_lock = threading.Lock()
         self.spans: list[tuple[str, float, float]] = []  # (what, start, end), perf_counter
-        self._worker: Any = None
-        self._cancel: threading.Event | None = None
-        self._workers: list[tuple[Any, threading.Event, threading.Event]] = []
+        # encoding workers (tag "encode") and set_k refits (tag "refit"): one runner
+        self.tasks = TaskRunner()
         # batches yielded by a worker and not yet drawn (the signal crosses threads)
         self._posted = 0
         self._posted_lock = threading.Lock()
         self._inbox: list[tuple[list[TileResult], ClusterSet | None]] = []
         self._last_draw = 0.0
         self.min_draw_interval_ms = float(min_draw_interval_ms)
-        self._refits: list[tuple[Any, threading.Event, threading.Event]] = []  # set_k workers
         self._t_change = 0.0
         self.overlays: LiveOverlays | None = None
 
@@ -258,6 +226,9 @@ class LiveController(QObject):
             provenance=engine.provenance(),
         )
         self.overlays.deferred = True
+        from napari_sigmma.viewer.session import show_scale_bar
+
+        show_scale_bar(viewer)
         self.overlays.on_pending = self._drain_timer.start
         if gene_head is not None or engine.gene_head is not None:
             head = gene_head or engine.gene_head
@@ -275,12 +246,9 @@ class LiveController(QObject):
         canvas = getattr(self.viewer, "canvas", None)
         if canvas is not None and hasattr(canvas.events, "size"):
             canvas.events.size.connect(self._on_camera)
+        # the viewer closing removes its layers, the H&E with them: the controller closes
+        # then (and the dock closes it when the window closes)
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
-        qt_window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
-        self._close_filter = None
-        if qt_window is not None:
-            self._close_filter = _CloseFilter(self.close)
-            qt_window.installEventFilter(self._close_filter)
 
     def _disconnect(self) -> None:
         viewer = self.viewer
@@ -293,9 +261,6 @@ class LiveController(QObject):
         if canvas is not None and hasattr(canvas.events, "size"):
             canvas.events.size.disconnect(self._on_camera)
         viewer.layers.events.removed.disconnect(self._on_layer_removed)
-        qt_window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-        if qt_window is not None and getattr(self, "_close_filter", None) is not None:
-            qt_window.removeEventFilter(self._close_filter)
 
     def _on_layer_removed(self, event: Any) -> None:
         if getattr(event, "value", None) is self.image_layer:
@@ -378,12 +343,12 @@ class LiveController(QObject):
 
     # -- workers --------------------------------------------------------------------------------
     def _cancel_workers(self) -> None:
-        for worker, cancel, _done in self._workers:
-            cancel.set()
-            try:
-                worker.quit()
-            except RuntimeError:
-                pass
+        self.tasks.cancel()
+
+    @property
+    def _workers(self) -> list[Any]:
+        """The running tasks (encoding and refits)."""
+        return list(self.tasks.tasks)
 
     def _on_settled(self) -> None:
         if self.closed or self.engine is None:
@@ -398,20 +363,6 @@ class LiveController(QObject):
         self._start_worker(missing, encode_new=not too_many)
 
     def _start_worker(self, ids: list[str], *, encode_new: bool) -> None:
-        from napari.qt.threading import GeneratorWorker
-
-        cancel = threading.Event()
-        done = threading.Event()
-        worker = GeneratorWorker(self._work, ids, cancel, done, encode_new)
-        entry = (worker, cancel, done)
-        self._workers.append(entry)
-        worker.yielded.connect(self._on_batch)
-        worker.errored.connect(self._on_error)
-        # in the worker thread itself at the very end of its run (direct connections): free
-        # dask's pool for this thread, then set ``done`` so close() can wait without a loop
-        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(lambda e=entry: self._forget(e))
         if encode_new:
             n_cached = len(self.engine.cached(ids))
             self._set_status(
@@ -419,17 +370,18 @@ class LiveController(QObject):
                 + (f", loading {n_cached} from the cache" if n_cached else "")
                 + "…"
             )
-        worker.start()
+        self.tasks.start(
+            self._work,
+            ids,
+            encode_new,
+            on_yield=self._on_batch,
+            on_error=self._on_error,
+            on_cancelled=lambda: None,
+            tag="encode",
+            show=False,
+        )
 
-    def _forget(self, entry: tuple) -> None:
-        if entry in self._workers:
-            self._workers.remove(entry)
-        if entry in self._refits:
-            self._refits.remove(entry)
-
-    def _work(
-        self, ids: list[str], cancel: threading.Event, done: threading.Event, encode_new: bool
-    ):
+    def _work(self, ids: list[str], encode_new: bool, cancel: threading.Event):
         """Runs in a worker thread: yields ``(results, clusters_or_None)`` per batch.
 
         The first clusters are fitted here, so the first batch is drawn coloured; later
@@ -607,22 +559,16 @@ class LiveController(QObject):
         self.k = int(k)
         if self.engine is None or self.closed or not len(self.engine.memory):
             return
-        from napari.qt.threading import FunctionWorker
-
         # an earlier refit for another k is obsolete: stop it between fits
-        for _worker, cancel_old, _done in self._refits:
-            cancel_old.set()
-        cancel = threading.Event()
-        worker = FunctionWorker(self._maybe_fit, cancel)
-        done = threading.Event()
-        entry = (worker, cancel, done)
-        self._workers.append(entry)
-        self._refits.append(entry)
-        worker.returned.connect(lambda cs: self._on_yielded(([], cs)))
-        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(lambda e=entry: self._forget(e))
-        worker.start()
+        self.tasks.cancel(tag="refit")
+        self.tasks.start(
+            self._maybe_fit,
+            on_done=lambda cs: self._on_yielded(([], cs)),
+            on_error=self._on_error,
+            on_cancelled=lambda: None,
+            tag="refit",
+            show=False,
+        )
 
     def set_genes(self, genes: Sequence[str], gene_head: GeneHead | None = None) -> None:
         """Map ``genes`` (predicted and measured)."""
@@ -648,7 +594,7 @@ class LiveController(QObject):
             self._posted or self._inbox or (self.overlays and self.overlays.pending)
         ):
             return True
-        return any(not done.is_set() for _, _, done in self._workers)
+        return self.tasks.running
 
     def close(self, *, wait: bool = True, timeout: float = 30.0) -> None:
         """Stop following the camera, cancel every worker, and (``wait``) let them finish.
@@ -659,6 +605,7 @@ class LiveController(QObject):
         if self.closed:
             return
         self.closed = True
+        self.closing.emit()
         self._timer.stop()
         self._drain_timer.stop()
         self._inbox_timer.stop()
@@ -666,14 +613,8 @@ class LiveController(QObject):
         self._cancel_workers()
         self._disconnect()
         if wait:
-            end = time.monotonic() + timeout
-            for _, _, done in list(self._workers):
-                done.wait(max(0.0, end - time.monotonic()))
-            # ``done`` is set as the runnable's last line runs; let it return to the pool
-            from qtpy.QtCore import QThreadPool
-
-            if self._workers:
-                QThreadPool.globalInstance().waitForDone(1000)
+            self.tasks.wait(timeout)
+        self.tasks.closed = True  # what a worker still reports is ignored
         self.viewer = None
         if self.overlays is not None:
             self.overlays.viewer = None

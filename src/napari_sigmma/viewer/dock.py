@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -32,7 +32,8 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sigmma.device import DEVICE_CHOICES
-from napari_sigmma.io import release_thread_dask_pool
+from napari_sigmma.viewer.session import session_for, show_scale_bar
+from napari_sigmma.viewer.tasks import TaskRunner
 
 if TYPE_CHECKING:
     import napari
@@ -76,11 +77,10 @@ class SigmmaDock(QWidget):
         self.checkpoint: str | None = None
         self.run: Any = None  # the loaded LiveRun of ``checkpoint``
         self.controller: LiveController | None = None
+        self.session = session_for(napari_viewer)
+        show_scale_bar(napari_viewer)  # layers are in µm: say so on the canvas
         self._loader: Any = None  # the worker preparing the live view
         self._model_loader: Any = None  # the worker loading a checkpoint
-        # (worker, cancel, done) of every running task (open data, load model, start live)
-        self._tasks: list[tuple[Any, threading.Event, threading.Event]] = []
-        self._closed = False  # set by close_workers: late worker signals are ignored
 
         self.setObjectName("sigmma-dock")
         title = QLabel("<b>SIGMMA</b> — H&amp;E ↔ spatial transcriptomics")
@@ -99,10 +99,13 @@ class SigmmaDock(QWidget):
         self.progress = QProgressBar()
         self.progress.setVisible(False)
         self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(lambda: self.cancel(wait=False))
         self.task_status = QLabel("")
         self.task_status.setWordWrap(True)
+        # open data, load model, start live: one runner (progress, Cancel, wait on close)
+        self.tasks = TaskRunner(
+            progress_bar=self.progress, cancel_button=self.cancel_button, label=self.task_status
+        )
+        self.tasks.progressed.connect(self.progressed)
         self.live = QCheckBox("Live SIGMMA on the visible tiles")
         self.live.setToolTip(
             "Encode the tiles in view with the loaded model and show clusters, learned "
@@ -113,7 +116,9 @@ class SigmmaDock(QWidget):
         self.k.setRange(2, 40)
         self.k.setValue(8)
         self.k.setToolTip("Number of clusters (k-means) at every scale")
-        self.k.valueChanged.connect(self._on_k_changed)
+        self.k.setValue(int(self.session.k))
+        self.k.valueChanged.connect(self._on_k_spin)
+        self.session.events.k.connect(self._on_session_k)
         self.live_status = QLabel("")
         self.live_status.setWordWrap(True)
 
@@ -136,17 +141,17 @@ class SigmmaDock(QWidget):
         layout.addWidget(self.live)
         layout.addWidget(self.live_status)
         layout.addStretch(1)
-        from napari_sigmma.viewer.controller import watch_window_close
+        from napari_sigmma.viewer.tasks import watch_window_close
 
         # closing the napari window mid-task cancels the tasks and waits for them
-        self._close_filter = watch_window_close(self.viewer, self.close_workers)
+        self._close_filter = watch_window_close(self, self.close_workers)
 
     # -- tasks (workers with progress and cancel) -----------------------------------------------
     @property
     def busy(self) -> bool:
         """True while an open / load / start-live task runs or its result is not yet
         handled (on the main thread)."""
-        return bool(self._tasks)
+        return self.tasks.busy
 
     def _start_task(
         self,
@@ -157,84 +162,15 @@ class SigmmaDock(QWidget):
     ) -> Any:
         """Run generator ``steps(*args, cancel)`` in a worker: it yields ``(text, done,
         total)`` progress and returns its result, handed to ``on_done`` unless cancelled."""
-        from napari.qt.threading import GeneratorWorker
-
-        from napari_sigmma.errors import Cancelled
-
-        cancel, done = threading.Event(), threading.Event()
-        worker = GeneratorWorker(steps, *args, cancel)
-        entry = (worker, cancel, done)
-
-        def returned(out: Any) -> None:
-            if not cancel.is_set() and not self._closed:
-                on_done(out)
-
-        def errored(err: BaseException) -> None:
-            if self._closed:
-                return
-            if isinstance(err, Cancelled) or cancel.is_set():
-                self.task_status.setText("Cancelled.")
-            else:
-                on_error(err)
-
-        def aborted() -> None:
-            if not self._closed:
-                self.task_status.setText("Cancelled.")
-
-        worker.yielded.connect(self._on_progress)
-        worker.returned.connect(returned)
-        worker.errored.connect(errored)
-        worker.aborted.connect(aborted)
-        # in the worker thread as its run ends: free dask's pool for this thread, then mark it
-        # done (so cancel(wait=True) needs no event loop)
-        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(lambda e=entry: self._task_ended(e))
-        self._tasks.append(entry)
-        self.progress.setRange(0, 0)
-        self.progress.setVisible(True)
-        self.cancel_button.setEnabled(True)
-        worker.start()
-        return worker
-
-    def _on_progress(self, item: tuple[str, int, int]) -> None:
-        if self._closed:
-            return
-        text, done, total = item
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self.task_status.setText(text)
-        self.progressed.emit(text, int(done), int(total))
-
-    def _task_ended(self, entry: tuple[Any, threading.Event, threading.Event]) -> None:
-        if entry in self._tasks:
-            self._tasks.remove(entry)
-        if not self._tasks and not self._closed:
-            self.progress.setVisible(False)
-            self.cancel_button.setEnabled(False)
+        return self.tasks.start(steps, *args, on_done=on_done, on_error=on_error)
 
     def cancel(self, *, wait: bool = False, timeout: float = 30.0) -> None:
         """Cancel every running task (open data, load model, start live); ``wait`` blocks
         until their threads have ended (at most ``timeout`` s)."""
-        import time
-
-        tasks = list(self._tasks)
-        for worker, cancel, _done in tasks:
-            cancel.set()
-            try:
-                worker.quit()
-            except RuntimeError:
-                pass
-        if tasks:
-            self.task_status.setText("Cancelling…")
+        tasks = list(self.tasks.tasks)
+        self.tasks.cancel()
         if wait:
-            end = time.monotonic() + timeout
-            for _, _, done in tasks:
-                done.wait(max(0.0, end - time.monotonic()))
-            from qtpy.QtCore import QThreadPool
-
-            # ``done`` is set as the runnable's last slot runs; let it return to the pool
-            QThreadPool.globalInstance().waitForDone(1000)
+            self.tasks.wait(timeout, tasks)
 
     # -- data ----------------------------------------------------------------------------------
     def _choose_data(self) -> None:
@@ -284,20 +220,32 @@ class SigmmaDock(QWidget):
     def set_checkpoint(self, path: str) -> Any:
         """Load the checkpoint at ``path`` in a worker (safe load: plain tensors only).
 
-        On success it becomes the model (the live view restarts with it); on failure the
-        status and a notification name the file and the previous model stays. Returns the
-        worker.
+        On success it becomes the model: the live view restarts with it and the overlays
+        of the previous model are removed (they would describe another model); on failure
+        the status and a notification name the file and the previous model stays. Returns
+        the worker.
         """
-        for worker in (self._model_loader, self._loader):
-            self._stop_task(worker)  # an older model load or live start is obsolete
+        for task in (self._model_loader, self._loader):
+            if task is not None:
+                task.cancel()  # an older model load or live start is obsolete
         self.status.setText(f"Loading model {path}…")
+        self.status.setToolTip(str(path))
 
         def ready(run: Any) -> None:
+            from napari_sigmma.viewer.session import model_label
+
             self._model_loader = None
+            changed = self.checkpoint is not None and self.checkpoint != path
             self.checkpoint, self.run = path, run
-            self.status.setText(f"Model: {path}")
-            if self.live.isChecked():
+            self.session.checkpoint, self.session.run = path, run
+            self.status.setText(f"Model: {model_label(run, path)}")
+            self.status.setToolTip(str(path))
+            live = self.live.isChecked()
+            if live:
                 self.stop_live()
+            if changed:
+                self.clear_overlays()
+            if live:
                 self.start_live()
 
         def failed(err: BaseException) -> None:
@@ -306,28 +254,34 @@ class SigmmaDock(QWidget):
             if self.checkpoint is not None:
                 self.status.setText(self.status.text() + f" (still using {self.checkpoint})")
 
-        worker = self._start_task(_model_steps, path, on_done=ready, on_error=failed)
-        worker.finished.connect(lambda w=worker: self._forget_model_loader(w))
-        self._model_loader = worker
-        return worker
+        task = self.tasks.start(
+            _model_steps,
+            path,
+            on_done=ready,
+            on_error=failed,
+            on_finished=lambda: self._forget_model_loader(task),
+        )
+        self._model_loader = task
+        return task.worker
 
-    def _forget_model_loader(self, worker: Any) -> None:
-        if self._model_loader is worker:  # cancelled: neither ready nor failed ran
+    def _forget_model_loader(self, task: Any) -> None:
+        if self._model_loader is task:  # cancelled: neither ready nor failed ran
             self._model_loader = None
-            if self._closed:
-                return
             self.status.setText(
-                f"Model: {self.checkpoint}" if self.checkpoint is not None else NO_MODEL_TEXT
+                f"Model: {self.session.model_name()}"
+                if self.checkpoint is not None
+                else NO_MODEL_TEXT
             )
 
-    def _stop_task(self, worker: Any) -> None:
-        for w, cancel, _done in self._tasks:
-            if w is worker:
-                cancel.set()
-                try:
-                    w.quit()
-                except RuntimeError:
-                    pass
+    def clear_overlays(self) -> None:
+        """Remove the SIGMMA overlay layers (after a model change they are stale)."""
+        stale = [
+            ly
+            for ly in self.viewer.layers
+            if (getattr(ly, "metadata", {}) or {}).get("sigmma_kind")
+        ]
+        for layer in stale:
+            self.viewer.layers.remove(layer)
 
     # -- live view -----------------------------------------------------------------------------
     def _on_live_toggled(self, on: bool) -> None:
@@ -336,9 +290,14 @@ class SigmmaDock(QWidget):
         else:
             self.stop_live()
 
-    def _on_k_changed(self, k: int) -> None:
-        if self.controller is not None:
-            self.controller.set_k(int(k))
+    def _on_k_spin(self, k: int) -> None:
+        self.session.k = int(k)  # the session forwards it to the live controller
+
+    def _on_session_k(self, k: int) -> None:
+        if self.k.value() != int(k):
+            self.k.blockSignals(True)
+            self.k.setValue(int(k))
+            self.k.blockSignals(False)
 
     def _say(self, text: str) -> None:
         self.live_status.setText(text)
@@ -362,7 +321,7 @@ class SigmmaDock(QWidget):
         self._say("Loading the model and the slide…")
         device = self.device.currentText()
         run = self.run if self.run is not None else self.checkpoint
-        worker = self._start_task(
+        self._loader = self.tasks.start(
             _live_steps,
             run,
             layer.metadata["sdata_path"],
@@ -370,7 +329,6 @@ class SigmmaDock(QWidget):
             on_done=lambda out, ly=layer: self._live_ready(ly, *out),
             on_error=lambda err: self._say(f"Could not start: {err}"),
         )
-        self._loader = worker
 
     def _live_ready(self, layer: Any, engine: Any, gene_head: Any) -> None:
         from napari_sigmma.viewer.controller import LiveController
@@ -378,31 +336,41 @@ class SigmmaDock(QWidget):
         self._loader = None
         if not self.live.isChecked() or layer not in self.viewer.layers:
             return
+        s = self.session
         self.controller = LiveController(
-            self.viewer, layer, engine, k=int(self.k.value()), gene_head=gene_head
+            self.viewer,
+            layer,
+            engine,
+            k=int(s.k),
+            gene_head=gene_head,
+            genes=list(s.genes) or None,
         )
         self.controller.status_changed.connect(self._say)
+        s.controller = self.controller
         self._say(self.controller.status or "Live SIGMMA on.")
 
     def stop_live(self) -> None:
         """Stop the live view (workers cancelled; layers stay)."""
-        self._stop_task(self._loader)
+        if self._loader is not None:
+            self._loader.cancel()
         self._loader = None
+        self._close_controller()
+        self._say("")
+
+    def _close_controller(self) -> None:
         if self.controller is not None:
+            if self.session.controller is self.controller:
+                self.session.controller = None
             self.controller.close()
             self.controller = None
-        self._say("")
 
     def close_workers(self, timeout: float = 30.0) -> None:
         """Cancel every task and the live view, and wait for their threads (the dock is
         closing: what they still report is ignored)."""
-        self._closed = True
-        self.cancel(wait=True, timeout=timeout)
-        self._tasks.clear()
+        self.tasks.close(timeout)
         self._model_loader = self._loader = None
-        if self.controller is not None:
-            self.controller.close()
-            self.controller = None
+        self._close_controller()
+        self.session.events.k.disconnect(self._on_session_k)
 
     def closeEvent(self, event: Any) -> None:
         self.close_workers()

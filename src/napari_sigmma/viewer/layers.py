@@ -39,8 +39,9 @@ LayerData = tuple[Any, dict[str, Any], str]
 #: Default caps: more points / polygons than this make napari slow to build and to pan.
 MAX_POINTS = 200_000
 MAX_SHAPES = 5_000
-#: Point size (diameter) and polygon edge width, µm.
-POINT_SIZE_UM = 7.0
+#: Point size (diameter) and polygon edge width, µm. Points are smaller than a nucleus
+#: (~7 µm) so that the H&E under them stays readable at working zoom.
+POINT_SIZE_UM = 3.5
 EDGE_WIDTH_UM = 0.6
 HE_IMAGE = "he_image"
 TABLE = "table"
@@ -132,6 +133,12 @@ def _base_meta(sdata_path: str | os.PathLike[str] | None, element: str, mpp: flo
     }
 
 
+def _units(note: str | None) -> tuple[str, str]:
+    """Layer units: µm when the H&E pixel size is known (``note`` is None), else pixels
+    (the scale bar and the status bar then say which)."""
+    return ("pixel", "pixel") if note else ("um", "um")
+
+
 def _resolve_mpp(sdata: SpatialData) -> tuple[float, str | None]:
     mpp = he_mpp_of(sdata)
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
@@ -171,6 +178,7 @@ def he_image_layer(
         "name": name,
         "scale": (mpp, mpp),
         "translate": (0.0, 0.0),
+        "units": _units(note),
         "multiscale": multiscale,
         "metadata": meta,
     }
@@ -229,14 +237,27 @@ def cells_layer(
         "name": name,
         "scale": (mpp, mpp),
         "translate": (0.0, 0.0),
+        "units": _units(note),
         "size": POINT_SIZE_UM / mpp,
         "border_width": 0.0,
         "features": features,
         "metadata": meta,
-        "opacity": 0.8,
+        "opacity": 0.85,
     }
     if "cell_type" in features:
-        kwargs["face_color"] = "cell_type"
+        # one distinct colour per cell type (Glasbey), listed with its count in the legend
+        from napari_sigmma.viewer.palette import categorical, category_colours, to_hex
+
+        names, codes, counts = categorical(features["cell_type"])
+        rgb = category_colours(len(names))
+        kwargs["face_color"] = np.c_[rgb[codes], np.ones(len(codes))].astype(np.float32)
+        meta["legend"] = {
+            "title": "cell types",
+            "column": "cell_type",
+            "names": names,
+            "colours": [to_hex(c) for c in rgb],
+            "counts": [int(c) for c in counts],
+        }
     else:
         kwargs["face_color"] = "#39d353"
     data = xy_px[index][:, ::-1].astype(np.float64)  # napari: (y, x)
@@ -306,6 +327,7 @@ def boundaries_layer(
         "name": label,
         "scale": (mpp, mpp),
         "translate": (0.0, 0.0),
+        "units": _units(note),
         "shape_type": "polygon",
         "edge_color": edge_color,
         "face_color": "transparent",

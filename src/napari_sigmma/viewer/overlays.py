@@ -13,12 +13,16 @@ named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
 - ``SIGMMA edges micro|meso|macro`` (Vectors): G_micro's proximity edges and the edges the
   meso / macro edge-addition layers added, opacity from the edge probability; thinned to
   the most probable ``max_edges``; hidden by default (see below);
-- ``SIGMMA attention`` (Image ``(heads, y, x)``, a *head* slider): CLS→patch attention of
-  the last ViT block over each tile, each head rescaled to [0, 1] within its tile;
+- ``SIGMMA attention`` (Image, 2-D): CLS→patch attention of the last ViT block over each
+  tile for one head (:meth:`LiveOverlays.set_attention_head`, the Explore slider; a 2-D
+  layer adds no dims slider under the canvas), each head rescaled to [0, 1] within its
+  tile, with a colourbar;
 - ``SIGMMA gene <GENE> predicted`` / ``measured`` (Image): the ridge gene head's prediction
-  (micro-patch resolution) on the H&E, and the measured log1p expression on the same raster
-  and colour scale beside the slide (shifted right by one slide width and a gap), so the
-  two maps are seen side by side.
+  (micro-patch resolution) and the measured log1p expression, both on the H&E, on one
+  colour scale, each with a colourbar; seen side by side in napari's grid view (see
+  :func:`napari_sigmma.viewer.legend.side_by_side`), which keeps Home framing the slide.
+
+Cluster and cell-type colours come from :mod:`napari_sigmma.viewer.palette` (Glasbey).
 
 Only the tiles handed to :meth:`LiveOverlays.show` (the visible ones) are drawn; updates
 write into the existing layers' data (no remove/re-add), so nothing flickers. At first only
@@ -39,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sigmma.analysis.clusters import PALETTE, ClusterSet
+from napari_sigmma.analysis.clusters import ClusterSet
 from napari_sigmma.constants import SCALES
+from napari_sigmma.viewer.palette import glasbey, label_rgba
 
 if TYPE_CHECKING:
     import napari
@@ -54,7 +59,6 @@ PER_SIDE = {"micro": 4, "meso": 2, "macro": 1}
 PREFIX = "SIGMMA"
 EDGE_RGB = {"micro": (1.0, 1.0, 1.0), "meso": (0.1, 0.9, 1.0), "macro": (1.0, 0.25, 0.85)}
 EDGE_WIDTH_UM = {"micro": 0.8, "meso": 0.6, "macro": 0.5}
-NO_CLUSTER_RGBA = (0.75, 0.75, 0.75, 0.8)
 CROPS = {"micro": slice(0, 16), "meso": slice(16, 20), "macro": slice(20, 21)}
 # largest attention raster kept for the whole grid (heads × rows·h × cols·w values)
 ATTENTION_FULL_MAX = 16_000_000
@@ -87,22 +91,29 @@ class Frame:
     scale: np.ndarray
     translate: np.ndarray
     affine: np.ndarray | None = None
+    unit_names: tuple[str, str] = ("um", "um")
 
     @classmethod
     def from_layer(cls, layer: Any, he_mpp: float) -> Frame:
         a = np.asarray(layer.affine.affine_matrix, dtype=float)
         a2 = a[-3:, -3:]
+        units = tuple(str(u) for u in getattr(layer, "units", ())[-2:])
         return cls(
             he_mpp=float(he_mpp),
             scale=np.asarray(layer.scale, dtype=float)[-2:],
             translate=np.asarray(layer.translate, dtype=float)[-2:],
             affine=None if np.allclose(a2, np.eye(3)) else a2,
+            unit_names=units if len(units) == 2 else ("um", "um"),  # type: ignore[arg-type]
         )
 
     @classmethod
     def microns(cls, he_mpp: float) -> Frame:
         """The default: world = µm (the H&E shown with ``scale = he_mpp``)."""
         return cls(float(he_mpp), np.array([he_mpp, he_mpp], float), np.zeros(2))
+
+    def units(self, ndim: int = 2) -> tuple[str, ...]:
+        """Layer units: the H&E layer's (µm when its pixel size is known)."""
+        return (*(["pixel"] * (ndim - 2)), *self.unit_names)
 
     def _affine(self, ndim: int) -> np.ndarray | None:
         if self.affine is None:
@@ -117,6 +128,7 @@ class Frame:
         kw: dict[str, Any] = {
             "scale": [*lead, *self.scale],
             "translate": [*([0.0] * (ndim - 2)), *self.translate],
+            "units": self.units(ndim),
         }
         if (aff := self._affine(ndim)) is not None:
             kw["affine"] = aff
@@ -132,6 +144,7 @@ class Frame:
         kw: dict[str, Any] = {
             "scale": [*lead, *(self.scale * px)],
             "translate": [*([0.0] * (ndim - 2)), *(self.scale * [oy, ox] + self.translate)],
+            "units": self.units(ndim),
         }
         if (aff := self._affine(ndim)) is not None:
             kw["affine"] = aff
@@ -142,9 +155,10 @@ def label_colormap(n: int) -> Any:
     """Labels colormap: label ``i + 1`` ↔ palette colour ``i``; 0 transparent."""
     from napari.utils.colormaps import DirectLabelColormap
 
+    pal = glasbey()
     colors: dict[int | None, Any] = {0: np.zeros(4, np.float32), None: np.zeros(4, np.float32)}
-    for i in range(max(int(n), len(PALETTE))):
-        colors[i + 1] = np.r_[PALETTE[i % len(PALETTE)], 1.0].astype(np.float32)
+    for i in range(max(int(n), 64)):
+        colors[i + 1] = np.r_[pal[i % len(pal)], 1.0].astype(np.float32)
     return DirectLabelColormap(color_dict=colors)
 
 
@@ -161,12 +175,7 @@ def attention_colormap() -> Any:
 
 def point_colours(labels: np.ndarray) -> np.ndarray:
     """RGBA per point from cluster labels (``-1``: neutral grey)."""
-    labels = np.asarray(labels, dtype=np.int64)
-    out = np.tile(np.asarray(NO_CLUSTER_RGBA, np.float32), (labels.size, 1))
-    ok = labels >= 0
-    out[ok, :3] = PALETTE[labels[ok] % len(PALETTE)]
-    out[ok, 3] = 1.0
-    return out
+    return label_rgba(labels)
 
 
 class LiveOverlays:
@@ -197,7 +206,7 @@ class LiveOverlays:
         *,
         provenance: dict[str, str] | None = None,
         max_edges: int = 30000,
-        point_size_um: float = 6.0,
+        point_size_um: float = 3.5,
     ) -> None:
         self.viewer = viewer
         self.frame = frame
@@ -226,6 +235,8 @@ class LiveOverlays:
         # (layer name, ms) of every layer update, for the benchmark and diagnostics
         self.apply_ms: list[tuple[str, float]] = []
         self._att_full = True
+        self.att_head = 0
+        self._att_stack: np.ndarray | None = None  # (heads, y, x); the layer shows one head
         self._attention_warned = False
         self._measured: dict[str, np.ndarray] = {}
         self._gene_limits: dict[str, tuple[float, float]] = {}
@@ -434,7 +445,7 @@ class LiveOverlays:
 
         name = layer_name("attention")
         layer = self.layers.get(name)
-        if layer is not None and layer.data.shape[0] == heads:
+        if layer is not None and layer.metadata.get("heads") == heads:
             return layer
         if layer is not None:
             self.layers.pop(name)
@@ -443,8 +454,12 @@ class LiveOverlays:
         full = heads * self.grid.n_rows * h * self.grid.n_cols * w <= ATTENTION_FULL_MAX
         shape = (heads, self.grid.n_rows * h, self.grid.n_cols * w) if full else (heads, h, w)
         self._att_full = full
+        self._att_stack = np.zeros(shape, np.float32)
+        self.att_head = min(self.att_head, heads - 1)
+        # one head at a time (2-D): no dims slider under the canvas, the head is chosen in
+        # Explore (and only while attention is shown)
         layer = Image(
-            np.zeros(shape, np.float32),
+            self._att_stack[self.att_head],
             name=name,
             colormap=attention_colormap(),
             blending="translucent",
@@ -452,25 +467,26 @@ class LiveOverlays:
             opacity=0.8,
             visible=False,
             interpolation2d="linear",
-            metadata=self._meta("attention", "he_image", heads=heads, patch_grid=(h, w)),
-            **self.frame.raster_kwargs(self._tile_px() / h, self.grid.origin, ndim=3),
-        )
-        # a layer with a new (head) axis changes the dims order, and napari then fits the
-        # view to the data: keep the user's camera where it was
-        scene = getattr(self.viewer, "scene", None)
-        cam = scene.camera if scene is not None else self.viewer.camera
-        center, zoom = tuple(cam.center), float(cam.zoom)
+            metadata=self._meta(
+                "attention", "he_image", heads=heads, head=self.att_head, patch_grid=(h, w),
+                units="attention, rescaled to [0, 1] per tile",
+            ),
+            **self.frame.raster_kwargs(self._tile_px() / h, self.grid.origin),
+        )  # fmt: skip
+        _show_colourbar(layer)
         self._add(layer)
-        dims = self.viewer.dims
-        if dims.ndim == 3 and next(iter(dims.axis_labels)) in ("0", "-3"):
-            dims.axis_labels = ("attention head", *tuple(dims.axis_labels)[1:])
-        cam.center = (
-            center[-len(cam.center) :]
-            if len(center) >= len(cam.center)
-            else (*([0.0] * (len(cam.center) - len(center))), *center)
-        )
-        cam.zoom = zoom
         return layer
+
+    def set_attention_head(self, head: int) -> None:
+        """Show attention head ``head`` in the attention layer."""
+        self.att_head = max(int(head), 0)
+        layer = self.layers.get(layer_name("attention"))
+        if layer is None or self._att_stack is None:
+            return
+        self.att_head = min(self.att_head, self._att_stack.shape[0] - 1)
+        layer.metadata["head"] = self.att_head
+        with self._quiet(layer):
+            layer.data = self._att_stack[self.att_head]
 
     # -- public API -------------------------------------------------------------------------
     def show(
@@ -515,7 +531,7 @@ class LiveOverlays:
         keep_list = None if keep is None else list(keep)
         kept = [r for t, r in self.tiles.items() if keep_list is None or t in set(keep_list)]
         fresh = {r.tile_id: r for r in [*kept, *results]}
-        if self.tiles and clusters.n_clusters > len(PALETTE):
+        if self.tiles and clusters.n_clusters > 64:
             for s in SCALES:
                 name = layer_name("clusters", s)
                 if name in self.layers:
@@ -550,7 +566,7 @@ class LiveOverlays:
         if not self.tiles:
             return
         self._ensure_layers()
-        if clusters is not None and clusters.n_clusters > len(PALETTE):
+        if clusters is not None and clusters.n_clusters > 64:
             for s in SCALES:
                 self.layers[layer_name("clusters", s)].colormap = label_colormap(
                     clusters.n_clusters
@@ -719,10 +735,10 @@ class LiveOverlays:
         with_att = [r for r in self.tiles.values() if r.attention is not None]
         if not self.detail:
             with_att = []
-        heads, h, w = layer.data.shape[0], *layer.metadata["patch_grid"]
+        heads, h, w = int(layer.metadata["heads"]), *layer.metadata["patch_grid"]
         s = self._tile_px()
         if self._att_full:
-            stack = layer.data
+            stack = self._att_stack
             stack[:] = 0
             r0 = c0 = 0
         elif with_att:
@@ -747,9 +763,10 @@ class LiveOverlays:
             if self._att_full:
                 layer.refresh(thumbnail=False, extent=False, highlight=False)
             else:
+                self._att_stack = stack
                 origin = (self.grid.origin[0] + c0 * s, self.grid.origin[1] + r0 * s)
-                kw = self.frame.raster_kwargs(s / h, origin, ndim=3)
-                layer.data = stack
+                kw = self.frame.raster_kwargs(s / h, origin)
+                layer.data = stack[min(self.att_head, heads - 1)]
                 layer.translate = kw["translate"]
         layer.metadata["tiles"] = sorted(r.tile_id for r in with_att)
 
@@ -760,9 +777,9 @@ class LiveOverlays:
 
     # -- genes ------------------------------------------------------------------------------
     def measured_offset_px(self) -> float:
-        """x shift (level-0 px) of the measured gene maps: one grid width plus a gap."""
-        width = self.grid.n_cols * self._tile_px()
-        return float(width + max(self._tile_px(), 0.05 * width))
+        """x shift (level-0 px) of the measured gene maps: none (they lie on the H&E, and
+        the grid view shows them beside the predicted ones)."""
+        return 0.0
 
     def _gene_layer(self, name: str, per_side: int, kind: str, gene: str) -> Any:
         from napari.layers import Image
@@ -772,10 +789,6 @@ class LiveOverlays:
             data = np.full(self._raster_shape(per_side), np.nan, np.float32)
             self._rasters[name] = data
             origin = self.grid.origin
-            if kind == "measured":
-                # beside the slide, to its right, for comparison with the predicted map on
-                # the H&E (same rows, same colour scale)
-                origin = (origin[0] + self.measured_offset_px(), origin[1])
             layer = Image(
                 data,
                 name=name,
@@ -786,11 +799,13 @@ class LiveOverlays:
                     f"gene_{kind}",
                     "he_image" if kind == "predicted" else "table",
                     gene=gene,
-                    placement="on the H&E" if kind == "predicted" else "right of the slide",
-                    offset_px=0.0 if kind == "predicted" else self.measured_offset_px(),
+                    placement="on the H&E",
+                    offset_px=0.0,
+                    units="log1p expression (counts scaled per cell)",
                 ),
                 **self.frame.raster_kwargs(self._tile_px() / per_side, origin),
             )
+            _show_colourbar(layer)
             self._add(layer)
         return layer
 
@@ -957,6 +972,13 @@ class _SlotPool:
             if self.slots:
                 shown[np.concatenate(list(self.slots.values()))] = True
             layer.shown = shown
+
+
+def _show_colourbar(layer: Any) -> None:
+    """Turn on the layer's own colourbar (napari's canvas overlay of intensity layers)."""
+    bar = getattr(layer, "colorbar", None)
+    if bar is not None:
+        bar.visible = True
 
 
 def _hex(rgb: Sequence[float]) -> str:

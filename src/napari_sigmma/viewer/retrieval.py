@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_sigmma.errors import SigmmaError
-from napari_sigmma.io import release_thread_dask_pool, slide_name
+from napari_sigmma.io import slide_name
 from napari_sigmma.retrieval.index import IVF_MIN_SIZE
 from napari_sigmma.retrieval.query import (
     RETRIEVAL_FILE,
@@ -48,6 +48,8 @@ from napari_sigmma.retrieval.query import (
     tile_of_cells,
     top_genes,
 )
+from napari_sigmma.viewer.session import session_for
+from napari_sigmma.viewer.tasks import TaskRunner
 
 if TYPE_CHECKING:
     import napari
@@ -55,7 +57,17 @@ if TYPE_CHECKING:
     from napari_sigmma.live.engine import EmbeddingEngine
 
 RESULTS_LAYER = "SIGMMA retrieval"
-COLUMNS = ("rank", "similarity", "slide", "location (µm)", "cell types", "top genes")
+#: the columns a user reads first come first; locations in napari's axis order
+COLUMNS = (
+    "rank",
+    "similarity",
+    "percentile",
+    "cell types",
+    "top genes",
+    "slide",
+    "location y, x (µm)",
+)
+COL = {name: i for i, name in enumerate(COLUMNS)}
 QUERY_COLOUR = "#ffd400"
 MATCH_COLOUR = "#00e5ff"
 NO_ENGINE_TEXT = (
@@ -65,18 +77,14 @@ NO_ENGINE_TEXT = (
 
 
 def find_live_controller(viewer: Any) -> Any | None:
-    """The :class:`~napari_sigmma.viewer.controller.LiveController` of the viewer's SIGMMA
-    dock, if its live view runs."""
-    window = getattr(viewer, "window", None)
-    docks = getattr(window, "_dock_widgets", None) or {}
-    for dock in list(docks.values()):
-        widget = dock.widget() if hasattr(dock, "widget") else dock
-        candidates = [widget, *(widget.findChildren(QWidget) if widget is not None else [])]
-        for w in candidates:
-            ctrl = getattr(w, "controller", None)
-            if ctrl is not None and getattr(ctrl, "engine", None) is not None:
-                return ctrl
-    return None
+    """The :class:`~napari_sigmma.viewer.controller.LiveController` of the viewer's live
+    view (from its :class:`~napari_sigmma.viewer.session.Session`), if it runs."""
+    from napari_sigmma.viewer.session import session_for
+
+    ctrl = session_for(viewer).controller
+    if ctrl is None or getattr(ctrl, "engine", None) is None or getattr(ctrl, "closed", False):
+        return None
+    return ctrl
 
 
 def _load_engine(checkpoint: str, sdata_path: str, device: str, cancel: Any = None) -> Any:
@@ -183,11 +191,10 @@ class RetrievalWidget(QWidget):
         self.slide_name = ""
         self.run: Any = None
         self.matches: list[Match] = []
+        self.context: SimilarityContext | None = None  # all candidates of the last query
         self.last_query: dict[str, Any] = {}
-        # (worker, cancel, done) of every running load / encode / reference worker
-        self._workers: list[tuple[Any, threading.Event, threading.Event]] = []
-        self._closed = False  # the window is closing: late worker signals are ignored
         self._controller: Any = None
+        self.session = session_for(napari_viewer)
 
         self.setObjectName("sigmma-retrieval")
         self.status = QLabel(NO_ENGINE_TEXT)
@@ -198,7 +205,9 @@ class RetrievalWidget(QWidget):
         self.load_button.clicked.connect(self._choose_checkpoint)
         self.scale = QComboBox()
         self.scale.addItems(["micro", "meso", "macro"])
-        self.scale.setCurrentText("macro")
+        self.scale.setCurrentText(self.session.scale)  # what the live view shows
+        self.scale.currentTextChanged.connect(self._on_scale_box)
+        self.session.events.scale.connect(self._on_session_scale)
         self.scale.setToolTip("Embedding scale compared (the contrastive loss aligns each)")
         self.top_k = QSpinBox()
         self.top_k.setRange(1, 100)
@@ -210,15 +219,13 @@ class RetrievalWidget(QWidget):
         self.progress.setVisible(False)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setToolTip("Stop the whole-slide or reference encoding")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(lambda: self.cancel())
         self.ref_button = QPushButton("Add reference slide…")
         self.ref_button.setToolTip(
             "A Xenium bundle or SpatialData .zarr, encoded with the same model; its tiles are "
             "searched too"
         )
         self.ref_button.clicked.connect(self._choose_reference)
-        self.cells_button = QPushButton("Selected cells → matching H&E tiles")
+        self.cells_button = QPushButton("Selected cells → matching H&&E tiles")
         self.cells_button.setToolTip(
             "Draw a polygon / lasso on a Shapes layer over the cells (or select points of the "
             "cells layer), then press: the ST embedding of the tile holding most selected "
@@ -231,6 +238,10 @@ class RetrievalWidget(QWidget):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.cellClicked.connect(lambda row, _col: self.go_to(row))
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.horizontalHeaderItem(COL["percentile"]).setToolTip(
+            "Share of all candidate tiles (every indexed tile of every slide) that are less "
+            "similar to the query than this match: 99 = better than 99 % of them"
+        )
 
         form = QFormLayout()
         form.addRow("Scale", self.scale)
@@ -239,7 +250,7 @@ class RetrievalWidget(QWidget):
         buttons.addWidget(self.use_live)
         buttons.addWidget(self.load_button)
         layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("<b>SIGMMA retrieval</b> — select the H&amp;E layer, click a tile"))
+        layout.addWidget(QLabel("<b>SIGMMA retrieval</b> — click a tile of the H&amp;E"))
         layout.addLayout(buttons)
         layout.addLayout(form)
         layout.addWidget(self.encode_button)
@@ -251,19 +262,34 @@ class RetrievalWidget(QWidget):
         layout.addWidget(self.cells_button)
         layout.addWidget(self.status)
         layout.addWidget(self.table, 1)
-        from napari_sigmma.viewer.controller import watch_window_close
+        # load / encode / reference / index workers: one runner (progress, Cancel, wait)
+        self.tasks = TaskRunner(
+            progress_bar=self.progress, cancel_button=self.cancel_button, label=self.status
+        )
+        self.tasks.progressed.connect(self.progressed)
+        from napari_sigmma.viewer.tasks import watch_window_close
 
         # closing the napari window mid-encode cancels the workers and waits for them
-        self._close_filter = watch_window_close(self.viewer, self._on_window_close)
+        self._close_filter = watch_window_close(self, self._on_window_close)
 
     # -- set-up ------------------------------------------------------------------------------
+    @property
+    def _closed(self) -> bool:
+        return self.tasks.closed
+
     def _say(self, text: str) -> None:
         if not self._closed:
             self.status.setText(text)
 
     def _on_window_close(self) -> None:
-        self._closed = True
         self.close_workers()
+
+    def _on_scale_box(self, scale: str) -> None:
+        self.session.scale = scale
+
+    def _on_session_scale(self, scale: str) -> None:
+        if self.scale.currentText() != scale:
+            self.scale.setCurrentText(scale)
 
     def attach_live(self) -> bool:
         """Use the engine of the SIGMMA dock's live view (and follow its new tiles)."""
@@ -293,8 +319,6 @@ class RetrievalWidget(QWidget):
 
     def load_checkpoint(self, checkpoint: str, *, device: str = "auto") -> Any:
         """Build an engine for the plugin's H&E layer from ``checkpoint`` (in a worker)."""
-        from napari.qt.threading import FunctionWorker
-
         from napari_sigmma.viewer.dock import find_he_layer
 
         layer = find_he_layer(self.viewer)
@@ -302,67 +326,30 @@ class RetrievalWidget(QWidget):
             self._say("Open a slide with this plugin first (it needs the cells of the slide).")
             return None
         self._say("Loading the model and the slide…")
-        cancel = threading.Event()
-        worker = FunctionWorker(
-            _load_engine, checkpoint, layer.metadata["sdata_path"], device, cancel
-        )
 
         def ready(out: tuple[Any, Any]) -> None:
-            if cancel.is_set():
-                return
             self.run = out[0]
             self.set_engine(out[1], layer)
 
-        worker.returned.connect(ready)
-        worker.errored.connect(lambda err: self._failed("Could not load", err, cancel))
-        self._track(worker, cancel)
-        worker.start()
-        return worker
-
-    def _track(self, worker: Any, cancel: threading.Event) -> None:
-        """Keep ``worker`` until it ends (Cancel and closing the widget stop it)."""
-        done = threading.Event()
-        entry = (worker, cancel, done)
-        # in the worker thread as its run ends: free dask's pool for this thread, then mark
-        # it done (close_workers waits without an event loop)
-        worker.finished.connect(release_thread_dask_pool, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(done.set, Qt.ConnectionType.DirectConnection)
-        worker.finished.connect(lambda e=entry: self._forget(e))
-        self._workers.append(entry)
-        self.cancel_button.setEnabled(True)
-
-    def _forget(self, entry: tuple[Any, threading.Event, threading.Event]) -> None:
-        if entry in self._workers:
-            self._workers.remove(entry)
-        if not self._workers and not self._closed:
-            self.cancel_button.setEnabled(False)
-            self.progress.setVisible(False)
-            self.encode_button.setEnabled(True)
-
-    def _failed(self, what: str, err: BaseException, cancel: threading.Event) -> None:
-        from napari_sigmma.errors import Cancelled
-
-        if isinstance(err, Cancelled) or cancel.is_set():
-            self._say("Cancelled.")
-        else:
-            self._say(f"{what}: {err}")
+        task = self.tasks.start(
+            _load_engine,
+            checkpoint,
+            layer.metadata["sdata_path"],
+            device,
+            on_done=ready,
+            on_error=lambda err: self._say(f"Could not load: {err}"),
+        )
+        return task.worker
 
     @property
     def busy(self) -> bool:
         """True while a load / encode / reference worker runs or its end is not yet
         handled (on the main thread)."""
-        return bool(self._workers)
+        return self.tasks.busy
 
     def cancel(self) -> None:
         """Stop every running worker at its next batch (what the Cancel button does)."""
-        for worker, cancel, _done in list(self._workers):
-            cancel.set()
-            try:
-                worker.quit()
-            except (AttributeError, RuntimeError):
-                pass
-        if self._workers:
-            self._say("Cancelling…")
+        self.tasks.cancel()
 
     def set_engine(
         self, engine: EmbeddingEngine, image_layer: Any, *, slide_name: str | None = None
@@ -372,8 +359,7 @@ class RetrievalWidget(QWidget):
         Embeddings saved by an earlier session (``retrieval.npz`` in the engine's disk-cache
         folder) and those already in the engine's memory are loaded at once.
         """
-        if self.image_layer is not None and self._on_click in self.image_layer.mouse_drag_callbacks:
-            self.image_layer.mouse_drag_callbacks.remove(self._on_click)
+        self._unhook_click()
         self.engine = engine
         self.image_layer = image_layer
         self.slide_name = slide_name or engine.paired.name
@@ -388,7 +374,8 @@ class RetrievalWidget(QWidget):
             except SigmmaError:
                 pass  # a damaged file: re-encode
         self.store.add_results(self.slide_name, engine.paired, engine.grid, engine.memory_results())
-        image_layer.mouse_drag_callbacks.append(self._on_click)
+        # a viewer-level callback: clicks work whatever layer is selected
+        self.viewer.mouse_drag_callbacks.append(self._on_click)
         self._say(
             f"Model ready; {len(se)} of {len(engine.grid)} tiles of {self.slide_name} encoded. "
             "Click a tile of the H&E."
@@ -418,22 +405,22 @@ class RetrievalWidget(QWidget):
                 self._on_encoded(item)
             self._encoded_done()
             return None
-        from napari.qt.threading import GeneratorWorker
+        store, name, scales = self.store, self.slide_name, self._scale_order()
 
-        cancel = threading.Event()
-        worker = GeneratorWorker(
-            _encode_all, eng, cancel, self.store, self.slide_name, self._scale_order()
-        )
-        worker.yielded.connect(self._on_encoded)
-        worker.finished.connect(self._encoded_done)
-        worker.errored.connect(lambda err: self._failed("Encoding failed", err, cancel))
-        self._track(worker, cancel)
-        self.progress.setRange(0, len(eng.grid))
-        self.progress.setValue(0)
-        self.progress.setVisible(True)
+        def job(cancel: threading.Event):
+            yield from _encode_all(eng, cancel, store, name, scales)
+
         self.encode_button.setEnabled(False)
-        worker.start()
-        return worker
+        task = self.tasks.start(
+            job,
+            on_yield=self._on_encoded,
+            on_error=lambda err: self._say(f"Encoding failed: {err}"),
+            on_finished=self._encoded_done,
+        )
+        self.progress.setRange(0, len(eng.grid))  # (progressed: from the first batch on)
+        self.progress.setValue(0)
+        self._say("Encoding the whole slide…")
+        return task.worker
 
     def _on_encoded(self, item: tuple[list[Any] | None, int, int]) -> None:
         """Progress of an encoding worker (it adds the results to the store itself)."""
@@ -441,19 +428,14 @@ class RetrievalWidget(QWidget):
             return
         batch, done, total = item
         if batch is None:  # all encoded; the worker builds the search index now
-            self.progress.setRange(0, 0)
-            self._say(f"Encoded {done} / {total} tiles; building the search index…")
-            self.progressed.emit(self.status.text(), int(done), int(total))
+            self.tasks.report(f"Encoded {done} / {total} tiles; building the search index…",
+                              0, 0)  # fmt: skip
             return
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self._say(f"Encoded {done} / {total} tiles")
-        self.progressed.emit(self.status.text(), int(done), int(total))
+        self.tasks.report(f"Encoded {done} / {total} tiles", done, total)
 
     def _encoded_done(self) -> None:
         if self._closed:
             return
-        self.progress.setVisible(False)
         self.encode_button.setEnabled(True)
         self.save()
         n = len(self.store.slide(self.slide_name)) if self.slide_name in self.store.slides else 0
@@ -484,27 +466,22 @@ class RetrievalWidget(QWidget):
             self.prepare_index()
             return name
 
-        cancel = threading.Event()
         if blocking:
-            steps = _reference_steps(eng, path, cancel)
+            steps = _reference_steps(eng, path, threading.Event())
             while True:
                 try:
                     next(steps)
                 except StopIteration as stop:
                     return done(stop.value)
-        from napari.qt.threading import GeneratorWorker
-
-        worker = GeneratorWorker(_reference_steps, eng, path, cancel)
-        worker.yielded.connect(self._on_reference_progress)
-        worker.returned.connect(lambda out: None if cancel.is_set() else done(out))
-        worker.errored.connect(lambda err: self._failed("Reference failed", err, cancel))
-        worker.aborted.connect(lambda: self._say("Cancelled."))
-        self._track(worker, cancel)
-        self.progress.setRange(0, 0)
-        self.progress.setVisible(True)
         self._say(f"Encoding reference {path}…")
-        worker.start()
-        return worker
+        task = self.tasks.start(
+            _reference_steps,
+            eng,
+            path,
+            on_done=done,
+            on_error=lambda err: self._say(f"Reference failed: {err}"),
+        )
+        return task.worker
 
     def _scale_order(self) -> list[str]:
         """Scales, the one queried now first (its indices are built first)."""
@@ -518,35 +495,33 @@ class RetrievalWidget(QWidget):
         Queries meanwhile search exactly (or the previous IVF); none waits for it."""
         if self._closed or self._prepare_worker is not None or not self.store.needs_build():
             return None
-        from napari.qt.threading import FunctionWorker
+        store, scales = self.store, self._scale_order()
 
-        cancel = threading.Event()
-        worker = FunctionWorker(self.store.prepare, cancel, scales=self._scale_order())
-        self._prepare_worker = worker
+        def build(cancel: threading.Event) -> float:
+            return store.prepare(cancel, scales=scales)
 
         def ended() -> None:
             self._prepare_worker = None
 
-        worker.finished.connect(ended)
-        worker.errored.connect(lambda err: self._failed("Indexing failed", err, cancel))
-        self._track(worker, cancel)
-        worker.start()
-        return worker
-
-    def _on_reference_progress(self, item: tuple[str, int, int]) -> None:
-        if self._closed:
-            return
-        text, done, total = item
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self._say(text)
-        self.progressed.emit(text, int(done), int(total))
+        task = self.tasks.start(
+            build,
+            on_error=lambda err: self._say(f"Indexing failed: {err}"),
+            on_finished=ended,
+            show=False,
+        )
+        self._prepare_worker = task.worker
+        return task.worker
 
     # -- queries -------------------------------------------------------------------------------
-    def _on_click(self, layer: Any, event: Any):
-        """Mouse callback on the H&E layer: a click (press and release without a drag) in
-        pan/zoom mode queries the tile under the cursor."""
-        if getattr(layer, "mode", "pan_zoom") not in ("pan_zoom", None):
+    def _on_click(self, viewer: Any, event: Any):
+        """Viewer mouse callback: a click (press and release without a drag) queries the
+        tile under the cursor, whatever layer is selected, unless the selected layer is in
+        an editing mode (drawing, adding points) where a click means something else. The
+        layer selection is left as it was."""
+        active = viewer.layers.selection.active
+        if active is not None and str(getattr(active, "mode", "pan_zoom")) not in (
+            "pan_zoom", "transform", "Mode.PAN_ZOOM",
+        ):  # fmt: skip
             return
         if getattr(event, "button", 1) != 1 or getattr(event, "modifiers", ()):
             return
@@ -593,12 +568,15 @@ class RetrievalWidget(QWidget):
         scale, k = self.scale.currentText(), int(self.top_k.value())
         matches = self.store.query_he_to_st(self.slide_name, tile_index, scale, k=k)
         self.last_query = {"direction": "he→st", "tile_index": int(tile_index), "scale": scale}
+        query = self.store.slide(self.slide_name).vector("he", scale, tile_index)
+        ctx = self.context = SimilarityContext.of(
+            self.store, query, "st", scale, partner=(self.slide_name, int(tile_index))
+        )
         self.show_matches(matches, query_tiles=[tile_index])
         self.prepare_index()  # the query searched exactly if the IVF was due: build it now
-        n = self.store.n_tiles("st", scale)
         self._say(
-            f"H&E tile {self.engine.grid.tile_ids[tile_index]} → top {len(matches)} of {n} "
-            f"ST tiles ({scale})."
+            f"H&E tile {self.engine.grid.tile_ids[tile_index]} → top {len(matches)} of "
+            f"{ctx.n} ST tiles ({scale}). {ctx.partner_text('ST')}"
         )
         return matches
 
@@ -643,11 +621,15 @@ class RetrievalWidget(QWidget):
         self.last_query = {
             "direction": "st→he", "tile_index": tile, "scale": scale, "n_cells": int(cells.size)
         }  # fmt: skip
+        query = se.vector("st", scale, tile)
+        ctx = self.context = SimilarityContext.of(
+            self.store, query, "he", scale, partner=(self.slide_name, int(tile))
+        )
         self.show_matches(matches, query_tiles=[tile])
         self.prepare_index()
         self._say(
             f"{cells.size} cells → ST of tile {self.engine.grid.tile_ids[tile]} → top "
-            f"{len(matches)} H&E tiles ({scale})."
+            f"{len(matches)} of {ctx.n} H&E tiles ({scale}). {ctx.partner_text('H&E')}"
         )
         return matches
 
@@ -671,9 +653,11 @@ class RetrievalWidget(QWidget):
             name=RESULTS_LAYER,
             scale=tuple(il.scale[-2:]),
             translate=tuple(il.translate[-2:]),
+            units=tuple(il.units[-2:]),
             metadata={"sigmma_kind": "retrieval", "slide": self.slide_name},
         )
-        self.viewer.add_layer(layer)
+        with keep_selection(self.viewer):
+            self.viewer.add_layer(layer)
         return layer
 
     def show_matches(self, matches: list[Match], *, query_tiles: list[int]) -> None:
@@ -697,7 +681,10 @@ class RetrievalWidget(QWidget):
                           [y1 - pad, x0 + pad]])
             )  # fmt: skip
             edge.append(MATCH_COLOUR)
-            text.append(f"{m.rank}: {m.similarity:.2f}")
+            pct = self.context.percentile(m.similarity) if self.context else None
+            text.append(
+                f"{m.rank}: {m.similarity:.2f}" + (f" ({pct:.0f}th pct)" if pct is not None else "")
+            )
         layer.data = []
         if rects:
             layer.add_rectangles(
@@ -717,13 +704,15 @@ class RetrievalWidget(QWidget):
             if se.paired is not None and se.grid is not None:
                 comp = format_pairs(composition(se.paired, se.grid, m.tile_index), percent=True)
                 genes = format_pairs(top_genes(se.paired, se.grid, m.tile_index, n=5))
+            pct = self.context.percentile(m.similarity) if self.context else None
             values = (
                 str(m.rank),
                 f"{m.similarity:.3f}",
-                m.slide,
-                f"{m.center_um[0]:.0f}, {m.center_um[1]:.0f}",
+                "—" if pct is None else f"{pct:.1f}",
                 comp,
                 genes,
+                m.slide,
+                f"{m.center_um[1]:.0f}, {m.center_um[0]:.0f}",  # (y, x) as napari shows it
             )
             for col, v in enumerate(values):
                 item = QTableWidgetItem(v)
@@ -747,31 +736,129 @@ class RetrievalWidget(QWidget):
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_workers(self, timeout: float = 30.0) -> None:
-        """Cancel running workers and wait for them (at most ``timeout`` s in all)."""
-        import time
-
-        workers = list(self._workers)
-        self.cancel()
-        end = time.monotonic() + timeout
-        for _, _, done in workers:
-            done.wait(max(0.0, end - time.monotonic()))
-        from qtpy.QtCore import QThreadPool
-
-        # ``done`` is set as the runnable's last slot runs; let it return to the pool
-        QThreadPool.globalInstance().waitForDone(1000)
-        self._workers.clear()
+        """Cancel running workers and wait for them (at most ``timeout`` s in all), and
+        stop listening to clicks (the viewer must not keep this widget alive)."""
+        self.tasks.close(timeout)
+        self._unhook_click()
+        self._prepare_worker = None
         if self._controller is not None:
             try:
                 self._controller.shown.disconnect(self._on_live_shown)
             except (RuntimeError, TypeError):
                 pass
             self._controller = None
+        self.session.events.scale.disconnect(self._on_session_scale)
 
     def closeEvent(self, event: Any) -> None:
         self.close_workers()
-        if self.image_layer is not None and self._on_click in self.image_layer.mouse_drag_callbacks:
-            self.image_layer.mouse_drag_callbacks.remove(self._on_click)
+        self._unhook_click()
         super().closeEvent(event)
+
+    def _unhook_click(self) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+
+class keep_selection:
+    """Restore the viewer's layer selection (and active layer) on exit: adding a layer
+    selects it, and the plugin must not change what the user selected."""
+
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+
+    def __enter__(self) -> None:
+        sel = self.viewer.layers.selection
+        self.before, self.active = set(sel), sel.active
+
+    def __exit__(self, *exc: Any) -> None:
+        sel = self.viewer.layers.selection
+        layers = set(self.viewer.layers)
+        keep = {ly for ly in self.before if ly in layers}
+        if self.active is not None and self.active in layers:
+            sel.active = self.active
+        else:
+            sel.clear()
+        sel.update(keep)
+
+
+class SimilarityContext:
+    """Every candidate's similarity to one query, so that a match's similarity can be
+    judged: its percentile among all candidates and where the query tile's own partner
+    (the other modality of the same tile) ranks.
+
+    Parameters
+    ----------
+    sims
+        Cosine similarity of every candidate (sorted ascending).
+    partner_sim
+        Similarity of the query tile's own partner (``None`` when it has none).
+    """
+
+    #: above this many candidates a random sample estimates the percentiles
+    MAX_CANDIDATES = 200_000
+
+    def __init__(self, sims: np.ndarray, partner_sim: float | None) -> None:
+        self.sims = np.sort(np.asarray(sims, dtype=np.float64))
+        self.partner_sim = partner_sim
+
+    @property
+    def n(self) -> int:
+        return int(self.sims.size)
+
+    @classmethod
+    def of(
+        cls,
+        store: RetrievalStore,
+        query: np.ndarray | None,
+        target: str,
+        scale: str,
+        *,
+        partner: tuple[str, int] | None = None,
+    ) -> SimilarityContext | None:
+        """The context of ``query`` against every ``target`` embedding at ``scale``."""
+        if query is None:
+            return None
+        vecs, partner_vec = [], None
+        for name, se in list(store.slides.items()):
+            table = (se.he if target == "he" else se.st).get(scale, {})
+            if table:
+                vecs.append(np.stack(list(table.copy().values())))
+            if partner is not None and name == partner[0]:
+                partner_vec = table.get(partner[1])
+        if not vecs:
+            return None
+        m = np.concatenate(vecs).astype(np.float32, copy=False)
+        if len(m) > cls.MAX_CANDIDATES:
+            rng = np.random.default_rng(0)
+            m = m[rng.choice(len(m), cls.MAX_CANDIDATES, replace=False)]
+        q = np.asarray(query, np.float32)
+        q = q / max(float(np.linalg.norm(q)), 1e-12)
+        sims = (m @ q) / np.maximum(np.linalg.norm(m, axis=1), 1e-12)
+        psim = None
+        if partner_vec is not None:
+            pv = np.asarray(partner_vec, np.float32)
+            psim = float(pv @ q / max(float(np.linalg.norm(pv)), 1e-12))
+        return cls(sims, psim)
+
+    def percentile(self, sim: float) -> float:
+        """Percent of the candidates less similar than ``sim``."""
+        if not self.n:
+            return float("nan")
+        return 100.0 * float(np.searchsorted(self.sims, sim - 1e-6, side="left")) / self.n
+
+    def rank(self, sim: float) -> int:
+        """1-based rank ``sim`` would have among the candidates."""
+        return 1 + int(self.n - np.searchsorted(self.sims, sim + 1e-6, side="right"))
+
+    def partner_text(self, modality: str) -> str:
+        if self.partner_sim is None:
+            return ""
+        s = self.partner_sim
+        return (
+            f"The tile's own {modality} partner ranks {self.rank(s)} of {self.n} "
+            f"(similarity {s:.3f}, {self.percentile(s):.1f}th percentile)."
+        )
 
 
 def save_retrieval_screenshot(viewer: Any, path: str, *, canvas_only: bool = True) -> Path:

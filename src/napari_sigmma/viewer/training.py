@@ -1,4 +1,4 @@
-"""Training dock widget: a form over :func:`napari_sigmma.train.trainer.train`.
+"""Training dock widget: a form over :func:`napari_sigmma.train.loop.train`.
 
 The trainer runs in a napari ``thread_worker``; its callbacks (called in the worker thread)
 emit Qt signals, which Qt queues to the main thread, where the progress bars and the live
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -90,11 +90,18 @@ class _Bridge(QObject):
     step = Signal(int, int, float, object)
     epoch = Signal(int, object)
     checkpoint = Signal(str)
+    phase = Signal(str, int, int)  # (phase, done, total) before the first step
 
 
 class _Callbacks:
     def __init__(self, bridge: _Bridge) -> None:
         self.bridge = bridge
+
+    def on_features(self, done: int, total: int) -> None:
+        self.bridge.phase.emit("features", int(done), int(total))
+
+    def on_train_start(self, total_steps: int, done_steps: int) -> None:
+        self.bridge.phase.emit("steps", int(done_steps), int(total_steps))
 
     def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
         self.bridge.step.emit(step, epoch, float(loss), dict(parts))
@@ -104,22 +111,6 @@ class _Callbacks:
 
     def on_checkpoint(self, path: Path) -> None:
         self.bridge.checkpoint.emit(str(path))
-
-
-class _CloseGuard(QObject):
-    """Asks before the napari window closes while training runs."""
-
-    def __init__(self, widget: TrainingWidget) -> None:
-        super().__init__(widget)
-        self.widget = widget
-
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
-        if event.type() == QEvent.Type.Close and self.widget.running:
-            if not self.widget.confirm_close():
-                event.ignore()
-                return True
-            self.widget.cancel(wait=True)
-        return False
 
 
 class TrainingWidget(QWidget):
@@ -135,19 +126,29 @@ class TrainingWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.setObjectName("sigmma-training")
-        self._worker: Any = None
-        self._cancel = threading.Event()
+        self._task: Any = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.losses: list[tuple[int, float]] = []
         self.val: dict[str, list[tuple[int, float]]] = {s: [] for s in SCALES}
         self.close_answer: bool | None = None  # tests set this instead of clicking
+        self.switch_answer: bool | None = None  # "use the new model?" (tests set it)
+        #: ``(phase, done, total, seconds since start)`` of every progress report: the
+        #: preparation, each feature pre-computation batch, the step count, each step
+        self.progress_log: list[tuple[str, int, int, float]] = []
+        self._t_start = 0.0
+        self._phase_t0: dict[str, tuple[float, int]] = {}
         self._bridge = _Bridge()
         self._bridge.step.connect(self._on_step)
         self._bridge.epoch.connect(self._on_epoch)
         self._bridge.checkpoint.connect(self._on_checkpoint)
+        self._bridge.phase.connect(self._on_phase)
         self._build()
-        self._install_close_guard()
+        from napari_sigmma.viewer.tasks import TaskRunner, watch_window_close
+
+        self.tasks = TaskRunner(cancel_button=self.cancel_button)
+        # closing the napari window while training runs asks first (a "no" keeps it open)
+        self._close_watch = watch_window_close(self, self._on_window_close)
 
     # ------------------------------------------------------------------ form
     def _build(self) -> None:
@@ -225,7 +226,6 @@ class TrainingWidget(QWidget):
         self.start_button = QPushButton("Start")
         self.start_button.clicked.connect(self.start)
         self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(lambda: self.cancel(wait=False))
         buttons = QHBoxLayout()
         buttons.addWidget(self.start_button)
@@ -233,6 +233,11 @@ class TrainingWidget(QWidget):
 
         self.epoch_bar = QProgressBar()
         self.epoch_bar.setFormat("epoch %v / %m")
+        # the current phase (preparing data, pre-computing features, optimiser steps)
+        self.phase_bar = QProgressBar()
+        self.phase_bar.setFormat("%v / %m")
+        self.phase_label = QLabel("")
+        self.phase_label.setWordWrap(True)
         self.step_label = QLabel("")
         self.status = QLabel("Ready.")
         self.status.setWordWrap(True)
@@ -252,6 +257,8 @@ class TrainingWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.phase_label)
+        layout.addWidget(self.phase_bar)
         layout.addWidget(self.epoch_bar)
         layout.addWidget(self.step_label)
         layout.addWidget(self.status)
@@ -263,13 +270,14 @@ class TrainingWidget(QWidget):
         if path:
             self.data.setText(path)
 
-    def _install_close_guard(self) -> None:
-        try:
-            qt_window = self.viewer.window._qt_window  # the QMainWindow
-        except AttributeError:  # a viewer without a window (headless use)
-            return
-        self._guard = _CloseGuard(self)
-        qt_window.installEventFilter(self._guard)
+    def _on_window_close(self) -> bool:
+        """The window is closing: ask while training runs (``False`` keeps it open)."""
+        if not self.running:
+            return True
+        if not self.confirm_close():
+            return False
+        self.cancel(wait=True)
+        return True
 
     # ------------------------------------------------------------------ config
     def _default_data(self) -> str:
@@ -316,12 +324,12 @@ class TrainingWidget(QWidget):
     # ------------------------------------------------------------------ run
     @property
     def running(self) -> bool:
-        """True while a training worker is alive."""
-        return self._worker is not None
+        """True while a training worker is alive (until its end is handled)."""
+        return self._task is not None
 
     def start(self, *, resume: bool | None = None) -> None:
         """Start (or resume) training in a background worker."""
-        from napari.qt.threading import create_worker
+        import time
 
         from napari_sigmma.errors import SigmmaError
 
@@ -333,9 +341,10 @@ class TrainingWidget(QWidget):
             self._notify_error(err)
             return
         resume = self.resume_box.isChecked() if resume is None else resume
-        self._cancel = threading.Event()
         self.result, self.error = None, None
         self.losses.clear()
+        self.progress_log.clear()
+        self._phase_t0.clear()
         for v in self.val.values():
             v.clear()
         self.epoch_bar.setRange(0, cfg.epochs)
@@ -343,27 +352,30 @@ class TrainingWidget(QWidget):
         self.status.setText(("Resuming" if resume else "Training") + f" → {cfg.run_dir}")
         callbacks = _Callbacks(self._bridge)
 
-        def job() -> Any:
-            from napari_sigmma.train.trainer import train
+        def job(cancel: threading.Event) -> Any:
+            from napari_sigmma.train.loop import train
 
-            return train(cfg, callbacks=[callbacks], cancel=self._cancel, resume=resume)
+            return train(cfg, callbacks=[callbacks], cancel=cancel, resume=resume)
 
-        # _on_error reports the error; without _ignore_errors the worker would also
-        # re-raise it in the Qt event loop (an unhandled-exception dialog / test failure).
-        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._on_done)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self._worker = worker
+        self._t_start = time.monotonic()
+        self._task = self.tasks.start(
+            job,
+            on_done=self._on_done,
+            on_error=self._on_error,
+            on_cancelled=lambda: None,  # the trainer returns "cancelled" with a checkpoint
+            keep_result=True,
+            on_finished=self._on_finished,
+        )
+        # the first phase (reading the data, building tiles and graphs) reports nothing
+        # until it ends: say so at once, with a busy bar
+        self._on_phase("preparing", 0, 0)
         self.start_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        worker.start()
 
     def cancel(self, *, wait: bool = False, timeout: float = 30.0) -> None:
         """Ask the trainer to stop after this step (it writes a checkpoint)."""
         if not self.running:
             return
-        self._cancel.set()
+        self._task.cancel_event.set()  # not quit(): the trainer saves, then returns
         self.status.setText("Cancelling after this step…")
         if wait:
             from qtpy.QtCore import QCoreApplication, QElapsedTimer
@@ -386,9 +398,41 @@ class TrainingWidget(QWidget):
         return answer == QMessageBox.StandardButton.Yes
 
     # ------------------------------------------------------------------ callbacks
+    def _on_phase(self, phase: str, done: int, total: int) -> None:
+        """Progress of a phase before the first optimiser step, with an ETA."""
+        import time
+
+        self.progress_log.append((phase, int(done), int(total), time.monotonic() - self._t_start))
+        self._phase_text(phase, done, total)
+
+    def _phase_text(self, phase: str, done: int, total: int) -> None:
+        import time
+
+        now = time.monotonic()
+        t0, d0 = self._phase_t0.setdefault(phase, (now, int(done)))
+        names = {
+            "preparing": "Preparing the data (reading the slide, tiles and cell graphs)…",
+            "features": "Pre-computing backbone features",
+            "steps": "Optimiser steps",
+        }
+        text = names.get(phase, phase)
+        if total > 0:
+            text += f": {done} / {total}"
+            if done > d0 and now > t0:
+                eta = (now - t0) / (done - d0) * (total - done)
+                text += f", about {_duration(eta)} left"
+        self.phase_label.setText(text)
+        self.phase_bar.setRange(0, max(int(total), 0))
+        self.phase_bar.setValue(int(done) if total > 0 else 0)
+
     def _on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
+        import time
+
+        self.progress_log.append(("step", int(step), 0, time.monotonic() - self._t_start))
         self.losses.append((step, loss))
         self.step_label.setText(f"epoch {epoch + 1}, step {step}: loss {loss:.3f}")
+        if "steps" in self._phase_t0 and self.phase_bar.maximum() > 0:
+            self._phase_text("steps", step, self.phase_bar.maximum())
         if len(self.losses) % 5 == 1:
             self._draw_plot()
 
@@ -419,9 +463,8 @@ class TrainingWidget(QWidget):
         self._notify_error(err)
 
     def _on_finished(self) -> None:
-        self._worker = None
+        self._task = None
         self.start_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
         self._draw_plot()
 
     def _notify_error(self, err: BaseException) -> None:
@@ -443,8 +486,13 @@ class TrainingWidget(QWidget):
             if pts:
                 e, r = zip(*pts, strict=True)
                 self.ax_val.plot(e, r, marker="o", ms=3, label=s)
-        if any(self.val.values()):
-            self.ax_val.legend(fontsize=6)
+        # chance for recall@5 %: a random ranking puts the partner in the top 5 % 5 % of
+        # the time
+        self.ax_val.axhline(0.05, color="grey", ls="--", lw=0.8, label="chance")
+        self.ax_val.set_ylim(0.0, 1.0)
+        self.ax_val.set_xlabel("epoch", fontsize=6)
+        self.ax_loss.set_xlabel("step", fontsize=6)
+        self.ax_val.legend(fontsize=6)
         for ax in (self.ax_loss, self.ax_val):
             ax.tick_params(labelsize=6)
         self.canvas.draw_idle()
@@ -458,9 +506,39 @@ class TrainingWidget(QWidget):
             self.table.setItem(i, 2, QTableWidgetItem(f"{metrics[f'{s}/st2he@5']:.3f}"))
 
     def _load_into_viewer(self, checkpoint: str) -> None:
-        """Hand the new checkpoint to the main SIGMMA dock (its live overlays refresh)."""
+        """Hand the new checkpoint to the main SIGMMA dock (its live overlays refresh),
+        asking first when the dock already explores another model."""
+        from napari_sigmma.viewer.session import session_for
+
+        current = session_for(self.viewer).checkpoint
+        if current is not None and current != checkpoint and not self.confirm_switch(checkpoint):
+            self.status.setText(self.status.text() + f" — new model kept aside: {checkpoint}")
+            return
         try:
             _, dock = self.viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA")
         except (AttributeError, KeyError, ValueError):
             return
         dock.set_checkpoint(checkpoint)
+
+    def confirm_switch(self, checkpoint: str) -> bool:
+        """Ask whether the live view should switch to the new model (tests preset
+        ``switch_answer``)."""
+        if self.switch_answer is not None:
+            return self.switch_answer
+        answer = QMessageBox.question(
+            self,
+            "SIGMMA training finished",
+            f"Training wrote {checkpoint}.\nSwitch the live view to this model? (Its "
+            "overlays of the current model are removed.)",
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+
+def _duration(seconds: float) -> str:
+    """``"42 s"``, ``"3 min"``, ``"1 h 05 min"``."""
+    s = max(0.0, float(seconds))
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s / 60:.0f} min"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
