@@ -10,14 +10,13 @@ import torch
 
 from _models_data import make_batch, make_tile, one_thread
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.models.conv import WeightedSAGEConv
+from napari_sigmma.models.edges import EdgeScorer, candidate_pairs, sample_edges, set_edge_mode
 from napari_sigmma.models.graph import (
     GeneVectorEncoder,
     GraphOutput,
     HierarchicalGraphEncoder,
-    WeightedSAGEConv,
-    candidate_pairs,
     micro_edges,
-    sample_edges,
 )
 
 
@@ -96,9 +95,9 @@ def test_candidate_pairs_forbid_same_label_and_small_chunks(monkeypatch):
     u, v = pairs
     assert (b.batch[u] == b.batch[v]).all() and (b.meso[u] != b.meso[v]).all()
     # the memory-bounded chunking over groups gives the same answer
-    import napari_sigmma.models.graph as graph
+    import napari_sigmma.models.edges as edges
 
-    monkeypatch.setattr(graph, "_DENSE_BUDGET", 50)
+    monkeypatch.setattr(edges, "_DENSE_BUDGET", 50)
     again = candidate_pairs(b.pos, b.batch, k=5, forbid_same=b.meso)
     assert torch.equal(pairs, again)
 
@@ -143,6 +142,7 @@ def test_training_sampler_respects_blocks_and_is_stochastic():
 def test_eval_is_deterministic_and_thresholds_scores():
     b = make_batch()
     enc = _encoder().eval()
+    set_edge_mode(enc, "threshold")
     with torch.no_grad():
         o1, o2 = enc(b), enc(b)
     _check_blocks(b, o1)
@@ -155,7 +155,7 @@ def test_eval_is_deterministic_and_thresholds_scores():
         cand = candidate_pairs(
             b.pos,
             b.batch * 4 + b.meso,
-            k=enc.candidate_k,
+            k=enc.cap,
             existing=micro_edges(b.edge_index, b.micro, b.batch),
         )
         s = enc.scorers["meso"](h, cand)
@@ -183,6 +183,7 @@ def test_straight_through_gradients_reach_the_edge_scorers():
     # in eval (hard threshold, no relaxation) nothing flows to the scorer
     enc.zero_grad()
     enc.eval()
+    set_edge_mode(enc, "threshold")
     out = enc(b)
     sum(v.sum() for v in out.emb.values()).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in enc.scorers.parameters())
@@ -273,8 +274,6 @@ def test_gene_vector_encoder():
 
 
 def test_edge_scorer_is_the_symmetric_mlp_of_the_paper():
-    from napari_sigmma.models.graph import EdgeScorer
-
     torch.manual_seed(0)
     sc = EdgeScorer(16)
     h = torch.randn(10, 16)

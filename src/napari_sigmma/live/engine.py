@@ -146,6 +146,11 @@ class EmbeddingEngine:
         Capture the last block's attention (ViT backbones).
     run
         Run folder / checkpoint path, recorded as provenance in layer metadata.
+    edge_mode, edge_samples
+        How the edge sampler builds the graphs
+        (:func:`napari_sigmma.models.edges.set_edge_mode`; None = the model's mode, by
+        default ``expected``). Set on the model (shared by engines of the same model) and
+        part of the cache keys; change it later with :meth:`set_edge_mode`.
     """
 
     def __init__(
@@ -165,14 +170,21 @@ class EmbeddingEngine:
         gene_head: GeneHead | None = None,
         attention: bool = True,
         run: str = "",
+        edge_mode: str | None = None,
+        edge_samples: int = 8,
     ) -> None:
         import torch
 
         from napari_sigmma.device import resolve_device
+        from napari_sigmma.models.edges import set_edge_mode
         from napari_sigmma.tiles.dataset import GraphSettings
 
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.model = model.to(self.device).eval()
+        if edge_mode is not None:
+            set_edge_mode(self.model, edge_mode, n_samples=edge_samples)
+        self._cache_dir = cache_dir
+        self._memory_bounds = (memory_items, memory_bytes)
         self.paired = paired
         self.grid = grid
         self.featurizer = featurizer
@@ -200,6 +212,25 @@ class EmbeddingEngine:
         return self.model.backbone
 
     @property
+    def edge_mode(self) -> dict[str, Any] | None:
+        """The model's edge-sampler evaluation settings (``None``: no cell graph)."""
+        from napari_sigmma.models.edges import get_edge_mode
+
+        return get_edge_mode(self.model)
+
+    def set_edge_mode(self, mode: str, *, n_samples: int = 8, rate: float | None = None) -> None:
+        """Switch the edge sampler's evaluation mode; results cached under the former mode
+        are no longer served (the cache keys include it)."""
+        from napari_sigmma.models.edges import set_edge_mode
+
+        with self._lock:
+            set_edge_mode(self.model, mode, n_samples=n_samples, rate=rate)
+            self.slide_key = f"{self.paired.name}-{self._slide_hash()}"
+            self.memory = MemoryLRU(*self._memory_bounds)
+            if self._cache_dir:
+                self.disk = DiskCache(self._cache_dir, self.slide_key, self.checkpoint_hash)
+
+    @property
     def is_vit(self) -> bool:
         return bool(getattr(self.model.backbone, "is_vit", False))
 
@@ -215,6 +246,11 @@ class EmbeddingEngine:
         h.update(np.asarray(g.rows, np.int64).tobytes() + np.asarray(g.cols, np.int64).tobytes())
         gs = self.graph_settings
         h.update(repr((gs.method, gs.k, gs.radius_um, gs.max_dist_um, gs.min_cells)).encode())
+        if getattr(gs, "micro_blocks", False):  # G_micro built per micro block (new default)
+            h.update(b"micro_blocks")
+        mode = self.edge_mode
+        if mode is not None:  # graph results depend on how the sampler builds the graphs
+            h.update(repr(sorted(mode.items())).encode())
         if self.featurizer is not None:
             for k, v in self.featurizer.to_arrays().items():
                 h.update(k.encode())

@@ -44,9 +44,15 @@ class ModelConfig:
     gnn_layers
         GNN layers on G_micro, G_meso, G_macro.
     candidate_k
-        Nearest candidates each node proposes per edge-addition layer.
+        Nearest candidates each node proposes per edge-addition layer; None (default) =
+        every pair of the block, as the paper (runs made before kept their 8).
+    candidate_cap
+        Memory guard when ``candidate_k`` is None: a node with more allowed partners in a
+        block proposes only this many nearest (None = no guard). See
+        :mod:`napari_sigmma.models.edges`.
     dense_k
-        Candidate cap for ``sparsify=False`` (None = every pair of the block).
+        Candidate cap for ``sparsify=False`` (None = every pair of the block, up to
+        ``candidate_cap``).
     scales
         Scales in the loss; ``("macro",)`` = the single-scale ablation.
     use_graph
@@ -62,6 +68,10 @@ class ModelConfig:
         ``"full"``.
     fast_multicrop
         One backbone pass per tile + region pooling instead of 21 crops (beyond the paper).
+    fast_region_map
+        Fast mode: the shared non-linear region map before each scale's grid mean, which
+        keeps the scales' inputs distinct (:mod:`napari_sigmma.models.multicrop`). False only
+        for checkpoints saved before it (their config lacks the key); such a model warns.
     crop_chunk
         Backbone forward in chunks of this many crops (None = one batch).
     """
@@ -75,8 +85,9 @@ class ModelConfig:
     head: str = "mlp"
     head_hidden: int = 512
     gnn_layers: tuple[int, int, int] = (2, 1, 1)
-    candidate_k: int = 8
-    dense_k: int | None = 64
+    candidate_k: int | None = None
+    candidate_cap: int | None = 256
+    dense_k: int | None = None
     scales: tuple[str, ...] = SCALES
     use_graph: bool = True
     sparsify: bool = True
@@ -86,6 +97,7 @@ class ModelConfig:
     finetune: str = "frozen"
     last_k: int = 2
     fast_multicrop: bool = False
+    fast_region_map: bool = True
     crop_chunk: int | None = None
 
     def __post_init__(self) -> None:
@@ -119,7 +131,15 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SigmmaError(f"unknown model config keys: {', '.join(unknown)}")
+        if d.get("fast_multicrop") and "fast_region_map" not in d and set(d) >= _V1_KEYS:
+            # a complete dump saved before the region map existed (a checkpoint): rebuild
+            # the model it was trained as. Partial dicts (YAML recipes) get the default.
+            d = {**d, "fast_region_map": False}
         return cls(**d)
+
+
+#: Keys of every ModelConfig saved before ``fast_region_map`` and ``candidate_cap`` existed.
+_V1_KEYS = frozenset(f.name for f in fields(ModelConfig)) - {"fast_region_map", "candidate_cap"}
 
 
 @functools.cache
@@ -160,6 +180,7 @@ def _classes() -> dict[str, type]:
                 head=cfg.head,
                 hidden=cfg.head_hidden,
                 fast=cfg.fast_multicrop,
+                region_map=cfg.fast_region_map,
                 chunk_size=cfg.crop_chunk,
             )
             if cfg.use_graph:
@@ -169,6 +190,7 @@ def _classes() -> dict[str, type]:
                     hidden=cfg.hidden,
                     gnn_layers=cfg.gnn_layers,
                     candidate_k=cfg.candidate_k,
+                    candidate_cap=cfg.candidate_cap,
                     sparsify=cfg.sparsify,
                     dense_k=cfg.dense_k,
                     edge_temperature=cfg.edge_temperature,
@@ -257,8 +279,25 @@ def _classes() -> dict[str, type]:
             return out
 
         def encode_graph(self, batch: Any):
-            """PyG ``Batch`` → :class:`~napari_sigmma.models.graph.GraphOutput`."""
-            return self.graph(batch)
+            """PyG ``Batch`` → :class:`~napari_sigmma.models.graph.GraphOutput`.
+
+            Runs in float32 even inside bf16 autocast: the weighted-mean scatter sums, the
+            edge sigmoid and the attention-pooling softmax would lose too much in bf16, and
+            the graph side is a small share of the FLOPs."""
+            from napari_sigmma.device import float32_region
+
+            with float32_region(self.logit_scale.device):
+                return self.graph(batch)
+
+        def epoch_diagnostics(self, batch: tuple[Any, Any]) -> dict[str, float]:
+            """The training loop's per-epoch hook (``diagnostics/<name>`` in
+            ``metrics.jsonl``): edge-sampler numbers per stage and the per-scale image-input
+            differences on ``batch = (x, graph_batch)``, as ``edges.<meso|macro>.<key>`` and
+            ``scales.input_rel_diff.<micro|meso>_vs_macro``
+            (:func:`napari_sigmma.models.diagnostics.model_diagnostics`)."""
+            from napari_sigmma.models.diagnostics import flat_diagnostics, model_diagnostics
+
+            return flat_diagnostics(model_diagnostics(self, [batch]))
 
         def loss(self, img: dict, st: Any) -> tuple[torch.Tensor, dict[str, float]]:
             """Multi-scale symmetric InfoNCE over ``cfg.scales``; ``st`` is a GraphOutput or

@@ -67,13 +67,33 @@ def __getattr__(name: str) -> Any:
 
 @dataclass
 class GraphSettings:
-    """How tile cell graphs are built (see :func:`napari_sigmma.tiles.graphs.tile_graph`)."""
+    """How tile cell graphs are built (see :func:`napari_sigmma.tiles.graphs.tile_cell_graph`).
+
+    ``micro_blocks``: G_micro is built inside each micro block (default, the paper's), or
+    over the whole tile and filtered to the blocks by the encoder (runs made before).
+    """
 
     method: str = "delaunay"
     k: int = 6
     radius_um: float = 30.0
     max_dist_um: float | None = None
     min_cells: int = 3
+    micro_blocks: bool = True
+
+    def edges(self, pos: np.ndarray, tile_um: float) -> np.ndarray:
+        """G_micro ``(2, E)`` of one tile's cells at tile-local ``pos`` with these settings
+        (:func:`~napari_sigmma.tiles.graphs.tile_cell_graph`)."""
+        from napari_sigmma.tiles.graphs import tile_cell_graph
+
+        return tile_cell_graph(
+            pos,
+            tile_um,
+            method=self.method,
+            k=self.k,
+            radius_um=self.radius_um,
+            max_dist_um=self.max_dist_um,
+            micro_blocks=self.micro_blocks,
+        )
 
     def build(
         self,
@@ -96,6 +116,7 @@ class GraphSettings:
             min_cells=self.min_cells,
             indices=indices,
             per_tile=per_tile,
+            micro_blocks=self.micro_blocks,
         )
 
 

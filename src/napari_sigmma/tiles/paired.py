@@ -350,8 +350,6 @@ class PairedSlide:
         SigmmaError
             When the image is missing, the table lacks centroids, or ``node_obsm`` is absent.
         """
-        import scipy.sparse as sp
-
         path = str(sdata.path) if getattr(sdata, "path", None) else None
         if image_key not in sdata.images:
             raise SigmmaError(
@@ -362,28 +360,7 @@ class PairedSlide:
         img_el = sdata.images[image_key]
         he_to_global = _element_affine(img_el)
         table = sdata.tables.get(table_key) if hasattr(sdata, "tables") else None
-        um_to_he = None
-        if table is not None:
-            sig = table.uns.get("sigmma", {}) if hasattr(table, "uns") else {}
-            if isinstance(sig, dict) and sig.get("um_to_he_px") is not None:
-                um_to_he = np.asarray(sig["um_to_he_px"], dtype=np.float64).reshape(3, 3)
-            else:
-                um_to_global = _um_to_global(sdata, table)
-                um_to_he = np.linalg.inv(he_to_global) @ um_to_global
-            if he_mpp is None and isinstance(sig, dict) and sig.get("he_mpp"):
-                he_mpp = float(sig["he_mpp"])
-        attrs_sig = getattr(sdata, "attrs", {}).get("sigmma", {})
-        if he_mpp is None and um_to_he is None and isinstance(attrs_sig, dict):
-            if attrs_sig.get("he_mpp"):
-                he_mpp = float(attrs_sig["he_mpp"])
-        if he_mpp is None:
-            if um_to_he is None:
-                raise SigmmaError(
-                    "cannot tell the H&E µm/px without a cell table; pass he_mpp", path=path
-                )
-            he_mpp = 1.0 / math.sqrt(abs(np.linalg.det(um_to_he[:2, :2])))
-        if um_to_he is None:
-            um_to_he = np.diag([1.0 / he_mpp, 1.0 / he_mpp, 1.0])
+        um_to_he, he_mpp = _he_frame(sdata, table, he_to_global, he_mpp, path)
 
         image = SdataImage(img_el, he_mpp, path=path)
         if name is None:
@@ -391,42 +368,9 @@ class PairedSlide:
 
             name = slide_name(path)
 
-        if table is None:
-            n = 0
-            cells_px = np.zeros((0, 2))
-            counts = sp.csr_matrix((0, 0), dtype=np.float32)
-            genes: list[str] = []
-            cell_ids = np.zeros(0, dtype=object)
-            import pandas as pd
-
-            obs = pd.DataFrame()
-            feats = None
-        else:
-            if "spatial" not in table.obsm:
-                raise SigmmaError("cell table has no obsm['spatial'] centroids (µm)", path=path)
-            xy_um = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
-            n = xy_um.shape[0]
-            hom = np.c_[xy_um, np.ones(n)]
-            cells_px = (hom @ um_to_he.T)[:, :2]
-            X = table.X
-            counts = sp.csr_matrix(X, dtype=np.float32) if X is not None else None
-            if counts is None:
-                raise SigmmaError("cell table has no counts matrix X", path=path)
-            genes = [str(g) for g in table.var_names]
-            obs = table.obs.copy()
-            if "cell_id" in obs:
-                cell_ids = obs["cell_id"].astype(str).to_numpy()
-            else:
-                cell_ids = np.asarray(table.obs_names.astype(str))
-            feats = None
-            if node_obsm is not None:
-                if node_obsm not in table.obsm:
-                    raise SigmmaError(
-                        f"node feature key {node_obsm!r} not in table.obsm "
-                        f"(have: {list(table.obsm)})",
-                        path=path,
-                    )
-                feats = np.asarray(table.obsm[node_obsm], dtype=np.float32)
+        cells_px, counts, genes, cell_ids, obs, feats = _table_cells(
+            table, um_to_he, node_obsm, path
+        )
         return cls(
             name=name,
             image=image,
@@ -555,3 +499,77 @@ def _um_to_global(sdata: Any, table: Any) -> np.ndarray:
         stacklevel=3,
     )
     return np.eye(3)
+
+
+def _he_frame(
+    sdata: Any, table: Any, he_to_global: np.ndarray, he_mpp: float | None, path: str | None
+) -> tuple[np.ndarray, float]:
+    """The µm → H&E px affine and the H&E µm/px of a SpatialData slide: from the table's
+    ``uns["sigmma"]``, else its transforms, else ``attrs["sigmma"]``; ``he_mpp`` given wins."""
+    um_to_he = None
+    if table is not None:
+        sig = table.uns.get("sigmma", {}) if hasattr(table, "uns") else {}
+        if isinstance(sig, dict) and sig.get("um_to_he_px") is not None:
+            um_to_he = np.asarray(sig["um_to_he_px"], dtype=np.float64).reshape(3, 3)
+        else:
+            um_to_global = _um_to_global(sdata, table)
+            um_to_he = np.linalg.inv(he_to_global) @ um_to_global
+        if he_mpp is None and isinstance(sig, dict) and sig.get("he_mpp"):
+            he_mpp = float(sig["he_mpp"])
+    attrs_sig = getattr(sdata, "attrs", {}).get("sigmma", {})
+    if he_mpp is None and um_to_he is None and isinstance(attrs_sig, dict):
+        if attrs_sig.get("he_mpp"):
+            he_mpp = float(attrs_sig["he_mpp"])
+    if he_mpp is None:
+        if um_to_he is None:
+            raise SigmmaError(
+                "cannot tell the H&E µm/px without a cell table; pass he_mpp", path=path
+            )
+        he_mpp = 1.0 / math.sqrt(abs(np.linalg.det(um_to_he[:2, :2])))
+    if um_to_he is None:
+        um_to_he = np.diag([1.0 / he_mpp, 1.0 / he_mpp, 1.0])
+    return um_to_he, he_mpp
+
+
+def _table_cells(
+    table: Any, um_to_he: np.ndarray, node_obsm: str | None, path: str | None
+) -> tuple[np.ndarray, Any, list[str], np.ndarray, Any, np.ndarray | None]:
+    """Cell centroids (H&E px), counts (CSR), genes, cell ids, obs and node features of the
+    cell table (all empty without one)."""
+    import scipy.sparse as sp
+
+    if table is None:
+        cells_px = np.zeros((0, 2))
+        counts = sp.csr_matrix((0, 0), dtype=np.float32)
+        genes: list[str] = []
+        cell_ids = np.zeros(0, dtype=object)
+        import pandas as pd
+
+        obs = pd.DataFrame()
+        feats = None
+    else:
+        if "spatial" not in table.obsm:
+            raise SigmmaError("cell table has no obsm['spatial'] centroids (µm)", path=path)
+        xy_um = np.asarray(table.obsm["spatial"], dtype=np.float64)[:, :2]
+        n = xy_um.shape[0]
+        hom = np.c_[xy_um, np.ones(n)]
+        cells_px = (hom @ um_to_he.T)[:, :2]
+        X = table.X
+        counts = sp.csr_matrix(X, dtype=np.float32) if X is not None else None
+        if counts is None:
+            raise SigmmaError("cell table has no counts matrix X", path=path)
+        genes = [str(g) for g in table.var_names]
+        obs = table.obs.copy()
+        if "cell_id" in obs:
+            cell_ids = obs["cell_id"].astype(str).to_numpy()
+        else:
+            cell_ids = np.asarray(table.obs_names.astype(str))
+        feats = None
+        if node_obsm is not None:
+            if node_obsm not in table.obsm:
+                raise SigmmaError(
+                    f"node feature key {node_obsm!r} not in table.obsm (have: {list(table.obsm)})",
+                    path=path,
+                )
+            feats = np.asarray(table.obsm[node_obsm], dtype=np.float32)
+    return cells_px, counts, genes, cell_ids, obs, feats
