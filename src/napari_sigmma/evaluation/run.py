@@ -275,6 +275,7 @@ class EvalInputs:
     test_ids: list[str]
     frozen_note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
 
 
 def run_dir_of(ckpt_path: Path) -> Path:
@@ -323,7 +324,8 @@ def crop_features(
     weights) the training run's feature cache is read and completed; otherwise every tile
     is encoded afresh with ``model``'s own backbone.
     """
-    from napari_sigmma.train.trainer import cached_crop_features
+    from napari_sigmma.progress import Bar
+    from napari_sigmma.train.data import cached_crop_features
 
     out: list[np.ndarray] = []
     with tempfile.TemporaryDirectory(prefix="sigmma-eval-") as tmp:
@@ -333,15 +335,17 @@ def crop_features(
                 out.append(np.zeros((len(s.grid), 21, 1), np.float32))
                 continue
             _say(log, f"  crop features: {s.name}, {tiles.size} tiles")
-            f = cached_crop_features(
-                model,
-                s,
-                tiles,
-                cache_dir if cache_dir is not None else Path(tmp),
-                device=device,
-                batch_size=batch_size,
-                write=cache_dir is not None,
-            )
+            with Bar(f"crop features {s.name}", int(tiles.size), unit="tile") as bar:
+                f = cached_crop_features(
+                    model,
+                    s,
+                    tiles,
+                    cache_dir if cache_dir is not None else Path(tmp),
+                    device=device,
+                    batch_size=batch_size,
+                    write=cache_dir is not None,
+                    progress=bar,
+                )
             assert f is not None  # no cancel given
             out.append(f)
     return out
@@ -434,10 +438,10 @@ def prepare_inputs(
     log: Log = None,
 ) -> EvalInputs:
     """Embeddings, frozen-backbone features, targets of the train and test tiles of ``rd``
-    (a :class:`~napari_sigmma.train.trainer.RunData`)."""
+    (a :class:`~napari_sigmma.train.data.RunData`)."""
     from napari_sigmma.evaluation.baselines import frozen_backbone_model, pooled_crop_features
     from napari_sigmma.tiles.dataset import PairedTileDataset
-    from napari_sigmma.train.trainer import encode_entries
+    from napari_sigmma.train.validation import encode_entries
 
     train = list(rd.entries["train"])
     test = list(rd.entries["test"])
@@ -458,6 +462,7 @@ def prepare_inputs(
     he_test = _heads(model, _gather(feats, test), device=device)
     ds = PairedTileDataset(rd.slides, test, crop_features=feats)
     he_chk, st_test = encode_entries(model, ds, device=device, batch_size=batch_size)
+    diagnostics = diagnostics_block(model, ds, device=device, batch_size=batch_size, log=log)
     # encode_entries and _heads must see the same features (sanity of the plumbing)
     for s in he_test:
         if s in he_chk and not np.allclose(he_chk[s], he_test[s], atol=1e-4):
@@ -500,7 +505,24 @@ def prepare_inputs(
         train_ids=_entries_ids(rd.slides, train),
         test_ids=_entries_ids(rd.slides, test),
         frozen_note=note,
+        diagnostics=diagnostics,
     )
+
+
+def diagnostics_block(
+    model: Any, ds: Any, *, device: Any, batch_size: int = 16, log: Log = None
+) -> dict[str, Any]:
+    """``metrics.json``'s ``diagnostics`` on the test tiles:
+    :func:`napari_sigmma.models.diagnostics.model_diagnostics` (``edges.<meso|macro>``:
+    edge-sampler acceptance in training and in the model's evaluation mode, scores, edges
+    per node; ``scales.input_rel_diff``: how distinct the per-scale image inputs are)."""
+    from napari_sigmma.models.diagnostics import model_diagnostics
+    from napari_sigmma.tiles.dataset import make_loader
+
+    _say(log, "edge-sampler and image-scale diagnostics")
+    n = len(ds)
+    chunks = [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
+    return model_diagnostics(model, make_loader(ds, chunks), device=device)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -632,8 +654,7 @@ def compute_metrics(
 
 
 def _load(checkpoint: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
-    from napari_sigmma.train.checkpoint import resolve_checkpoint
-    from napari_sigmma.train.trainer import load_checkpoint
+    from napari_sigmma.train.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     return path, load_checkpoint(path)
@@ -672,6 +693,7 @@ def evaluate(
     frozen_baseline: bool = True,
     throughput_tiles: int = 8,
     report: bool = True,
+    edge_mode: str | None = None,
     log: Log = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on the test tiles of its run's split; write the report.
@@ -702,6 +724,9 @@ def evaluate(
         Tiles timed in the paper-exact and the fast multi-crop modes (0 = skip).
     report
         Write ``report.md`` and the PNG plots.
+    edge_mode
+        How the edge sampler builds its graphs (:data:`napari_sigmma.models.edges.EDGE_MODES`;
+        None = the model's default, ``expected``). Recorded as ``metrics["edge_mode"]``.
     log
         Progress messages (e.g. ``print``).
 
@@ -711,7 +736,8 @@ def evaluate(
         The content of ``metrics.json``.
     """
     from napari_sigmma.device import resolve_device
-    from napari_sigmma.train.trainer import model_from_checkpoint, prepare_run_data
+    from napari_sigmma.train.checkpoint import model_from_checkpoint
+    from napari_sigmma.train.data import prepare_run_data
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -727,6 +753,11 @@ def evaluate(
     model, featurizer = model_from_checkpoint(ckpt)
     dev = resolve_device(device or "auto")
     model.to(dev).eval()
+    from napari_sigmma.models.edges import get_edge_mode, set_edge_mode
+
+    if edge_mode is not None:
+        set_edge_mode(model, edge_mode)
+    mode_used = (get_edge_mode(model) or {}).get("mode")
     rd = prepare_run_data(
         cfg, split_path=split_path if split_path.is_file() else None, featurizer=featurizer
     )
@@ -784,6 +815,8 @@ def evaluate(
             "throughput": thr,
             "device": str(dev),
             "seconds": 0.0,
+            "edge_mode": mode_used,
+            "diagnostics": inp.diagnostics,
         }
     )
     metrics["seconds"] = time.perf_counter() - t0
