@@ -243,7 +243,8 @@ def real(embedded_bundle, tmp_path_factory):
     import torch
 
     from napari_sigmma.io import load_any
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
     from napari_sigmma.tiles.features import NodeFeaturizer
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide

@@ -57,7 +57,8 @@ def test_graph_encoder_stays_float32_under_autocast() -> None:
     import torch
 
     from napari_sigmma.bench.gpu_data import bench_data
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
 
     d = bench_data(512)
     cfg = ModelConfig(backbone="vit_tiny", pretrained=False, img_size=32, embed_dim=32)

@@ -84,7 +84,8 @@ def test_paper_mode_is_unchanged_and_collapsed_fast_mode_warns():
 
 
 def test_old_fast_checkpoint_config_loads_collapsed_new_configs_get_the_map():
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
 
     full = dataclasses.asdict(ModelConfig(fast_multicrop=True))
     old = {k: v for k, v in full.items() if k not in ("fast_region_map", "candidate_cap")}

@@ -10,8 +10,9 @@ import torch
 
 from _models_data import make_batch, one_thread
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.models.config import ModelConfig
 from napari_sigmma.models.graph import GraphOutput
-from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+from napari_sigmma.models.sigmma import SigmmaModel
 
 
 @pytest.fixture(scope="module", autouse=True)

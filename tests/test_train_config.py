@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from napari_sigmma.errors import SigmmaError
-from napari_sigmma.models.sigmma import ModelConfig
+from napari_sigmma.models.config import ModelConfig
 from napari_sigmma.train.config import TrainConfig
 
 

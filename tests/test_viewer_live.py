@@ -41,7 +41,8 @@ def live(embedded_bundle, tmp_path_factory):
     from napari_sigmma.analysis.genehead import fit_gene_head
     from napari_sigmma.io import load_any
     from napari_sigmma.live.engine import EmbeddingEngine
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
     from napari_sigmma.tiles.features import NodeFeaturizer
     from napari_sigmma.tiles.grid import make_tile_grid
     from napari_sigmma.tiles.paired import PairedSlide

@@ -244,7 +244,7 @@ def _set_mode(model: Any, *, fast: bool, finetune: str | None = None) -> None:
 
 
 def _arch_cfg(arch: str, *, tiny: bool, uni: str | None, embed_dim: int = 128) -> Any:
-    from napari_sigmma.models.sigmma import ModelConfig
+    from napari_sigmma.models.config import ModelConfig
 
     return ModelConfig(
         backbone=arch,
@@ -671,11 +671,8 @@ def run_live(
     """Section 3: the engine without a viewer against the bare batched forward."""
     import tempfile
 
-    import torch
-
     from napari_sigmma.analysis.genehead import fit_gene_head
     from napari_sigmma.bench.live import engine_alone_tiles_per_s
-    from napari_sigmma.device import autocast, to_device
     from napari_sigmma.live.engine import EmbeddingEngine
     from napari_sigmma.tiles.grid import read_tile
 
@@ -713,60 +710,11 @@ def run_live(
         preps = [engine.prepare(c) for c in chunks]
         prepare_s = time.perf_counter() - t0
 
-        def bare() -> float:
-            with torch.inference_mode(), autocast(device):
-                ins = []
-                for p in preps:
-                    x = torch.from_numpy(p.images).permute(0, 3, 1, 2).contiguous()
-                    ins.append((x.pin_memory() if device.type == "cuda" else x, p.graph))
-                _sync(device)
-                t0 = time.perf_counter()
-                for x, g in ins:
-                    x = to_device(x, device)
-                    model.image_heads(model.backbone_features(x))
-                    if g is not None:
-                        model.encode_graph(to_device(g, device))
-                _sync(device)
-                return time.perf_counter() - t0
-
         if device.type == "cuda":
-            bare()  # warm-up (the engine's warm-up ran the same model on CPU)
-        bare_s = bare()
-        # transfers alone
-        _sync(device)
-        t0 = time.perf_counter()
-        for p in preps:
-            to_device(torch.from_numpy(p.images), device)
-            if p.graph is not None:
-                to_device(p.graph, device)
-        _sync(device)
-        h2d_s = time.perf_counter() - t0
-        # the engine's model work (attention, crop embeddings), results to the host, gene
-        # head, caches: timed piece by piece on the same batches
-        fwd_s = split_s = head_s = cache_s = 0.0
-        with torch.inference_mode(), autocast(device):
-            for p in preps:
-                x = to_device(torch.from_numpy(p.images), device).permute(0, 3, 1, 2).contiguous()
-                g = to_device(p.graph, device) if p.graph is not None else None
-                _sync(device)
-                t0 = time.perf_counter()
-                _, he, crops, att = engine.image_forward(x)
-                gout = engine.model.encode_graph(g) if g is not None else None
-                _sync(device)
-                t1 = time.perf_counter()
-                results = engine._split(p, he, crops, att, gout)
-                t2 = time.perf_counter()
-                engine._finish(results)
-                t3 = time.perf_counter()
-                for r in results:
-                    engine.memory.put(r)
-                    if engine.disk is not None:
-                        engine.disk.put(r)
-                t4 = time.perf_counter()
-                fwd_s += t1 - t0
-                split_s += t2 - t1
-                head_s += t3 - t2
-                cache_s += t4 - t3
+            _bare_forward_s(model, preps, device)  # warm-up (the engine's ran on CPU)
+        bare_s = _bare_forward_s(model, preps, device)
+        h2d_s = _h2d_seconds(preps, device)
+        pieces = _engine_piece_seconds(engine, preps, device)
         alone = engine_alone_tiles_per_s(engine, idx)
         # host syncs of one engine batch
         with _sync_watch(device) as syncs:
@@ -791,16 +739,91 @@ def run_live(
             "tile_reads": reads_s,
             "graphs": max(0.0, prepare_s - reads_s),
             "h2d_transfers": h2d_s,
-            "engine_forward_with_attention": fwd_s,
-            "d2h_and_split": split_s,
-            "gene_head": head_s,
-            "cache_writes": cache_s,
+            **pieces,
         },
         "engine_stats": {
             "prepare_s": engine.stats.prepare_seconds,
             "forward_s": engine.stats.forward_seconds,
         },
         "host_syncs_one_batch": syncs if device.type == "cuda" else "CUDA only",
+    }
+
+
+def _bare_forward_s(model: Any, preps: list[Any], device: Any) -> float:
+    """Seconds of the bare batched forward (backbone, image heads, graph encoder) of the
+    prepared batches, host-to-device copies from pinned memory included."""
+    import torch
+
+    from napari_sigmma.device import autocast, to_device
+
+    with torch.inference_mode(), autocast(device):
+        ins = []
+        for p in preps:
+            x = torch.from_numpy(p.images).permute(0, 3, 1, 2).contiguous()
+            ins.append((x.pin_memory() if device.type == "cuda" else x, p.graph))
+        _sync(device)
+        t0 = time.perf_counter()
+        for x, g in ins:
+            x = to_device(x, device)
+            model.image_heads(model.backbone_features(x))
+            if g is not None:
+                model.encode_graph(to_device(g, device))
+        _sync(device)
+        return time.perf_counter() - t0
+
+
+def _h2d_seconds(preps: list[Any], device: Any) -> float:
+    """Seconds of the host-to-device transfers alone of the prepared batches."""
+    import torch
+
+    from napari_sigmma.device import to_device
+
+    _sync(device)
+    t0 = time.perf_counter()
+    for p in preps:
+        to_device(torch.from_numpy(p.images), device)
+        if p.graph is not None:
+            to_device(p.graph, device)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _engine_piece_seconds(engine: Any, preps: list[Any], device: Any) -> dict[str, float]:
+    """The engine's model work (attention, crop embeddings), results to the host, gene
+    head and caches, timed piece by piece on the prepared batches."""
+    import torch
+
+    from napari_sigmma.device import autocast, to_device
+
+    fwd_s = split_s = head_s = cache_s = 0.0
+    with torch.inference_mode(), autocast(device):
+        for p in preps:
+            x = to_device(torch.from_numpy(p.images), device).permute(0, 3, 1, 2).contiguous()
+            g = to_device(p.graph, device) if p.graph is not None else None
+            _sync(device)
+            t0 = time.perf_counter()
+            _, he, crops, att = engine.image_forward(x)
+            gout = engine.model.encode_graph(g) if g is not None else None
+            _sync(device)
+            t1 = time.perf_counter()
+            results = engine._split(p, he, crops, att, gout)
+            t2 = time.perf_counter()
+            engine._finish(results)
+            t3 = time.perf_counter()
+            for r in results:
+                engine.memory.put(r)
+                if engine.disk is not None:
+                    engine.disk.put(r)
+            t4 = time.perf_counter()
+            fwd_s += t1 - t0
+            split_s += t2 - t1
+            head_s += t3 - t2
+            cache_s += t4 - t3
+    return {
+        "engine_forward_with_attention": fwd_s,
+        "d2h_and_split": split_s,
+        "gene_head": head_s,
+        "cache_writes": cache_s,
     }
 
 
@@ -1001,14 +1024,7 @@ def run_gpu_bench(
     result["device"] = info = device_info(dev, peak_tflops=peak_tflops)
     t0 = time.perf_counter()
     data = bench_data(512 if tiny else 2048, seed=0)
-    result["data"] = {
-        "slide_px": int(data.paired.image.shape[0]),
-        "tiles": len(data.grid),
-        "tiles_with_graph": int(data.valid.size),
-        "cells": data.paired.n_cells,
-        "node_features": data.featurizer.n_features,
-        "seconds": time.perf_counter() - t0,
-    }
+    result["data"] = _data_summary(data, time.perf_counter() - t0)
     if "parity" in wanted:
         _section(result, "parity", lambda: run_parity(dev, data, tiny=tiny, uni=uni), budget)
     if "live" in wanted:
@@ -1027,24 +1043,7 @@ def run_gpu_bench(
             budget,
         )
     if "ddp" in wanted:
-        from napari_sigmma.bench.gpu_ddp import run_ddp
-
-        world = min(2, torch.cuda.device_count()) if dev.type == "cuda" else 1
-        _section(
-            result,
-            "ddp",
-            lambda: run_ddp(
-                out / "ddp",
-                device="cuda" if dev.type == "cuda" else "cpu",
-                world=max(1, world),
-                backbone="vit_tiny" if tiny else "vit_small",
-                img_size=TINY_IMG if tiny else None,
-                size=768 if tiny else 1536,
-                steps=1 if tiny else 3,
-                batch_size=4 if tiny else 8,
-            ),
-            budget,
-        )
+        _section(result, "ddp", lambda: _run_ddp_section(out, dev, tiny), budget)
     if "training" in wanted:
         _section(
             result,
@@ -1072,6 +1071,37 @@ def run_gpu_bench(
     result["ok"] = not result["failures"]
     (out / "gpu_bench.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _data_summary(data: Any, seconds: float) -> dict[str, Any]:
+    """Size of the bench slide: pixels, tiles, tiles with a graph, cells, node features."""
+    return {
+        "slide_px": int(data.paired.image.shape[0]),
+        "tiles": len(data.grid),
+        "tiles_with_graph": int(data.valid.size),
+        "cells": data.paired.n_cells,
+        "node_features": data.featurizer.n_features,
+        "seconds": seconds,
+    }
+
+
+def _run_ddp_section(out: Path, dev: Any, tiny: bool) -> dict[str, Any]:
+    """Section 4: distributed training on up to two GPUs (one CPU rank otherwise)."""
+    import torch
+
+    from napari_sigmma.bench.gpu_ddp import run_ddp
+
+    world = min(2, torch.cuda.device_count()) if dev.type == "cuda" else 1
+    return run_ddp(
+        out / "ddp",
+        device="cuda" if dev.type == "cuda" else "cpu",
+        world=max(1, world),
+        backbone="vit_tiny" if tiny else "vit_small",
+        img_size=TINY_IMG if tiny else None,
+        size=768 if tiny else 1536,
+        steps=1 if tiny else 3,
+        batch_size=4 if tiny else 8,
+    )
 
 
 def _hygiene() -> dict[str, Any]:

@@ -75,7 +75,7 @@ def _rank_main(args: argparse.Namespace) -> int:
     import torch
 
     from napari_sigmma.bench.gpu_data import synthetic_paired
-    from napari_sigmma.models.sigmma import ModelConfig
+    from napari_sigmma.models.config import ModelConfig
     from napari_sigmma.tiles.dataset import GraphSettings, prepare_slide
     from napari_sigmma.train.config import TrainConfig
 

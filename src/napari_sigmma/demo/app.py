@@ -237,6 +237,9 @@ def _training_screenshot(viewer: Any, training: Any, folder: Path, out: Any) -> 
     training.out.setText(str(run))
     training.epochs.setValue(2)
     training.fast.setChecked(True)
+    # the screenshot is of the run itself: keep the demo model in the live view afterwards
+    # (the widget would otherwise ask, in a modal dialog, whether to switch)
+    training.switch_answer = False
     training.parent().raise_()
     training.start()
     wait_for(lambda: len(training.losses) >= 3 or not training.running, timeout=600)

@@ -66,7 +66,7 @@ def train_demo(
     """Train the demo configuration on ``sample`` into ``run`` and fit its gene head."""
     from napari_sigmma.io import load_any, slide_name
     from napari_sigmma.live.run import fit_run_gene_head, load_live_run
-    from napari_sigmma.models.sigmma import ModelConfig
+    from napari_sigmma.models.config import ModelConfig
     from napari_sigmma.tiles.paired import PairedSlide
     from napari_sigmma.train.config import TrainConfig
     from napari_sigmma.train.loop import train

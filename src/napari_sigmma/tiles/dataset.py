@@ -33,37 +33,6 @@ if TYPE_CHECKING:
     from napari_sigmma.tiles.grid import TileGrid
     from napari_sigmma.tiles.paired import PairedSlide
 
-_TILE_DATA_CLS: Any = None
-
-
-def _tile_data_class() -> type:
-    """``torch_geometric.data.Data`` subclass whose ``tile_index`` is not offset on batching.
-
-    PyG shifts every attribute with ``index`` in its name by the node count when batching;
-    ``tile_index`` is an id, not a node pointer. Built lazily (torch_geometric is a heavy
-    import) and reachable as ``napari_sigmma.tiles.dataset.TileData`` for pickling.
-    """
-    global _TILE_DATA_CLS
-    if _TILE_DATA_CLS is None:
-        from torch_geometric.data import Data
-
-        class TileData(Data):
-            def __inc__(self, key: str, value: Any, *args: Any, **kwargs: Any) -> Any:
-                if key == "tile_index":
-                    return 0
-                return super().__inc__(key, value, *args, **kwargs)
-
-        TileData.__module__ = __name__
-        TileData.__qualname__ = "TileData"
-        _TILE_DATA_CLS = TileData
-    return _TILE_DATA_CLS
-
-
-def __getattr__(name: str) -> Any:
-    if name == "TileData":
-        return _tile_data_class()
-    raise AttributeError(name)
-
 
 @dataclass
 class GraphSettings:
@@ -125,8 +94,9 @@ def tile_data(cells: TileCells, node_x: np.ndarray, genevec: np.ndarray, *, inde
     positions, patch indices and ``(1, G)`` gene vector; ``tile_index`` is ``index``."""
     import torch
 
-    cls = _tile_data_class()
-    return cls(
+    from napari_sigmma.tiles.tiledata import TileData
+
+    return TileData(
         x=torch.from_numpy(np.ascontiguousarray(node_x[cells.cells], dtype=np.float32)),
         edge_index=torch.from_numpy(np.ascontiguousarray(cells.edge_index, dtype=np.int64)),
         pos=torch.from_numpy(np.ascontiguousarray(cells.pos, dtype=np.float32)),

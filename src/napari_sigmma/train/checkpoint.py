@@ -51,6 +51,7 @@ RESUME_LOCKED = (
     "graph_method",
     "graph_k",
     "graph_radius_um",
+    "graph_micro_blocks",
     "graph_max_dist_um",
     "node_obsm",
     "n_pca",
@@ -448,7 +449,8 @@ def model_from_checkpoint(
     the checkpoint). Weights that do not fit the checkpoint's own model config (another
     backbone's, edited files) raise :class:`SigmmaError` naming ``path``.
     """
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
     from napari_sigmma.tiles.features import NodeFeaturizer
 
     if not isinstance(ckpt, dict):
@@ -486,12 +488,19 @@ def graph_settings(cfg: TrainConfig) -> Any:
         radius_um=float(cfg.graph_radius_um),
         max_dist_um=cfg.graph_max_dist_um,
         min_cells=int(cfg.min_cells),
+        micro_blocks=bool(cfg.graph_micro_blocks),
     )
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict[str, Any], path: Path) -> None:
-    """Refuse to resume when a setting of :data:`RESUME_LOCKED` changed."""
+    """Refuse to resume when a setting of :data:`RESUME_LOCKED` changed (the saved config
+    read through :meth:`TrainConfig.from_dict`, so settings added since it was written take
+    the values that describe that run)."""
     now = cfg.to_dict()
+    try:
+        saved = type(cfg).from_dict(dict(saved)).to_dict()
+    except SigmmaError:
+        pass  # compare the raw dict: any difference refuses the resume below
     diff = [k for k in RESUME_LOCKED if now.get(k) != saved.get(k)]
     if diff:
         raise SigmmaError(

@@ -23,7 +23,7 @@ from napari_sigmma.tiles.grid import ALLOWED_TILE_PX
 
 
 def _model_config_cls() -> type:
-    from napari_sigmma.models.sigmma import ModelConfig
+    from napari_sigmma.models.config import ModelConfig
 
     return ModelConfig
 
@@ -47,8 +47,10 @@ class TrainConfig:
         Tile side (224, 256, 512) at ``target_mpp`` µm/px; minimum tissue fraction.
     min_cells
         Tiles with fewer cells are skipped for training and evaluation.
-    graph_method, graph_k, graph_radius_um, graph_max_dist_um
-        Cell-graph construction (``delaunay``, ``knn``, ``radius``).
+    graph_method, graph_k, graph_radius_um, graph_max_dist_um, graph_micro_blocks
+        Cell-graph construction (``delaunay``, ``knn``, ``radius``); G_micro built inside
+        each micro block (``graph_micro_blocks``, the paper's; configs saved before it
+        existed read as ``False``, the tile-wide graph those runs were trained on).
     node_obsm, n_pca
         Node features: ``obsm`` key, or (``None``) normalize_total + log1p + PCA with
         ``n_pca`` components fitted on training tiles (STEMO substitute).
@@ -86,6 +88,7 @@ class TrainConfig:
     graph_k: int = 6
     graph_radius_um: float = 30.0
     graph_max_dist_um: float | None = None
+    graph_micro_blocks: bool = True
     node_obsm: str | None = None
     n_pca: int = 32
     split_block: int = 4
@@ -155,6 +158,10 @@ class TrainConfig:
         if problems:
             raise SigmmaError("bad training config: " + "; ".join(problems), path=path)
         d = dict(d)
+        if "graph_micro_blocks" not in d and set(d) >= _V1_KEYS:
+            # a complete dump saved before G_micro was built per micro block (a checkpoint,
+            # a run's config.yaml): keep the tile-wide graph it was trained on
+            d["graph_micro_blocks"] = False
         try:
             if "model" in d and d["model"] is not None:
                 m = d["model"]
@@ -260,6 +267,7 @@ _TRAIN_RULES: dict[str, _Rule] = {
     "graph_k": ("int", _at_least(1), "≥ 1"),
     "graph_radius_um": ("float", _pos, "> 0"),
     "graph_max_dist_um": ("?float", _pos, "> 0 (or null)"),
+    "graph_micro_blocks": ("bool", None, ""),
     "node_obsm": ("?str", bool, "an obsm key (or null)"),
     "n_pca": ("int", _at_least(1), "≥ 1"),
     "split_block": ("int", _at_least(1), "≥ 1"),
@@ -305,6 +313,7 @@ _MODEL_RULES: dict[str, _Rule] = {
     "finetune": ("str", lambda v: v in ("frozen", "last_k", "full"), "frozen, last_k or full"),
     "last_k": ("int", _at_least(1), "≥ 1"),
     "fast_multicrop": ("bool", None, ""),
+    "fast_region_map": ("bool", None, ""),
     "crop_chunk": ("?int", _at_least(1), "≥ 1 (or null)"),
 }
 
@@ -393,3 +402,7 @@ def config_problems(d: dict[str, Any]) -> list[str]:
     elif m is not None and "model" in d and not dataclasses.is_dataclass(m):
         problems.append(f"model must be a mapping of model settings, got {m!r}")
     return problems
+
+
+#: Keys of every TrainConfig saved before ``graph_micro_blocks`` existed.
+_V1_KEYS = frozenset(f.name for f in fields(TrainConfig)) - {"graph_micro_blocks"}

@@ -290,7 +290,7 @@ class TrainingWidget(QWidget):
     def config(self) -> Any:
         """The :class:`TrainConfig` the form describes."""
         from napari_sigmma.errors import SigmmaError
-        from napari_sigmma.models.sigmma import ModelConfig
+        from napari_sigmma.models.config import ModelConfig
         from napari_sigmma.train.config import TrainConfig
 
         data = self.data.text().strip() or self._default_data()
