@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from napari_sigmma.embed.result import TileResult
 
 HE_KEYS = tuple(f"he_{s}" for s in SCALES)
-CELL_KEYS = tuple(f"cells_{s}" for s in SCALES)
 # micro patch m (row-major 4×4) lies in meso patch MICRO_TO_MESO[m] (row-major 2×2)
 MICRO_TO_MESO = np.array([2 * ((m // 4) // 2) + (m % 4) // 2 for m in range(16)], dtype=np.int64)
 CLUSTER_METHODS = ("kmeans", "leiden")

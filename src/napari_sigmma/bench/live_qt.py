@@ -207,6 +207,10 @@ def measure_live(
 ) -> dict[str, Any]:
     """Encode one view of the slide through the live controller and time it.
 
+    One long function on purpose: it is one scripted viewer session (warm-up, encode,
+    revisits, browsing) whose steps share the viewer, camera and controller, and whose
+    timings depend on running them in exactly this order.
+
     Returns
     -------
     dict

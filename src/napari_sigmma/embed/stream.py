@@ -175,18 +175,9 @@ def embed_slide_streaming(
         Bad target (see :func:`napari_sigmma.io.store.prepare_target`), the slide read
         from inside the target, or a failed write (naming the store).
     """
-    import zarr
-
-    from napari_sigmma.embed.memory import (
-        TileEmbeddings,
-        embeddings_to_sdata,
-        iter_embed_batches,
-        l2_rows,
-        tile_indices,
-    )
+    from napari_sigmma.embed.memory import iter_embed_batches, tile_indices
     from napari_sigmma.io.store import prepare_target, swap_in
     from napari_sigmma.tiles.dataset import GraphSettings
-    from napari_sigmma.tiles.graphs import cells_per_tile, has_graph
 
     t0 = time.perf_counter()
     settings = settings or GraphSettings()
@@ -197,24 +188,69 @@ def embed_slide_streaming(
         )
     idx = tile_indices(grid, indices)
 
-    # The layout, from the cell table alone, with the tile graphs' own `valid` rule.
     use_st = featurizer is not None and paired.n_cells > 0
-    per_tile = cells_per_tile(paired.cells_px, grid)
-    members = [per_tile[int(i)] for i in idx]
-    del per_tile
-    n_cells = np.array([m.size for m in members], dtype=np.int64)
-    valid = has_graph(n_cells, settings.min_cells) & use_st
-    stored = valid & bool(cells)  # tiles whose cells get node embeddings
-    cell_index = (
-        np.concatenate([m for m, ok in zip(members, stored, strict=True) if ok]).astype(np.int64)
-        if stored.any()
-        else np.zeros(0, np.int64)
+    n_cells, valid, cell_index, cell_tile, cell_start = _tile_layout(
+        paired, grid, idx, settings.min_cells, use_st=use_st, cells=cells
     )
-    per_tile_rows = np.where(stored, n_cells, 0)
-    cell_tile = np.repeat(np.arange(idx.size, dtype=np.int64), per_tile_rows)
-    cell_start = np.concatenate([[0], np.cumsum(per_tile_rows)])  # first cell row per tile
-    del members
 
+    sdata = _skeleton_sdata(
+        paired, grid, idx, (n_cells, valid, cell_index, cell_tile), suffix=suffix, attrs=attrs
+    )
+    try:
+        sdata.write(tmp)
+        del sdata
+        writers, cell_writers = _open_writers(tmp, suffix, idx.size, cell_index.size, chunk_rows)
+        done = 0
+        for b in iter_embed_batches(
+            model,
+            paired,
+            grid,
+            featurizer=featurizer,
+            settings=settings,
+            indices=idx,
+            batch_size=batch_size,
+            device=device,
+            cells=cells,
+            cancel=cancel,
+            progress=progress,
+            chunk_tiles=chunk_tiles,
+        ):
+            _write_batch(b, writers, cell_writers, (n_cells, valid, cell_index, cell_start))
+            done = b.start + b.indices.size
+        if done < idx.size:
+            raise Cancelled()
+        _close_writers([*writers.values(), *cell_writers.values()], tmp)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # cancelled or failed: no half store
+        if isinstance(err, OSError):
+            from napari_sigmma.train.checkpoint import write_error
+
+            raise write_error(err, target, "the embeddings") from err
+        raise
+    swap_in(tmp, target)
+    return StreamedEmbedding(
+        path=target,
+        n_tiles=int(idx.size),
+        n_valid=int(valid.sum()),
+        n_cells=int(cell_index.size),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _skeleton_sdata(
+    paired: PairedSlide,
+    grid: TileGrid,
+    idx: np.ndarray,
+    layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    suffix: str,
+    attrs: dict[str, Any] | None,
+) -> Any:
+    """The store's SpatialData with every table and zero-width embedding arrays, written
+    first so that the embeddings can be streamed into it row by row."""
+    from napari_sigmma.embed.memory import TileEmbeddings, embeddings_to_sdata
+
+    n_cells, valid, cell_index, cell_tile = layout
     zero = np.zeros((idx.size, 0), np.float32)
     skeleton = TileEmbeddings(
         indices=idx,
@@ -234,82 +270,99 @@ def embed_slide_streaming(
     if source:
         # the H&E is linked, not copied: the store's reader opens it from this path
         attrs["source"] = str(Path(source).resolve())
-    sdata = embeddings_to_sdata(skeleton, paired, grid, suffix=suffix, attrs=attrs)
-    del skeleton
-    try:
-        sdata.write(tmp)
-        del sdata
-        root = zarr.open_group(str(tmp), mode="r+", use_consolidated=False)
-        tile_obsm = root[f"tables/tile_embeddings{suffix}/obsm"]
-        writers = {
-            f"he_{s}": _RowWriter(tile_obsm, f"he_{s}", idx.size, chunk_rows) for s in SCALES
-        }
-        writers |= {
-            f"st_{s}": _RowWriter(tile_obsm, f"st_{s}", idx.size, chunk_rows) for s in SCALES
-        }
-        cell_writers: dict[str, _RowWriter] = {}
-        if cell_index.size:
-            cell_obsm = root[f"tables/cell_embeddings{suffix}/obsm"]
-            cell_writers = {
-                s: _RowWriter(cell_obsm, f"st_{s}", cell_index.size, chunk_rows) for s in SCALES
-            }
-        done = 0
-        for b in iter_embed_batches(
-            model,
-            paired,
-            grid,
-            featurizer=featurizer,
-            settings=settings,
-            indices=idx,
-            batch_size=batch_size,
-            device=device,
-            cells=cells,
-            cancel=cancel,
-            progress=progress,
-            chunk_tiles=chunk_tiles,
-        ):
-            rows = slice(b.start, b.start + b.indices.size)
-            if not (
-                np.array_equal(b.valid, valid[rows]) and np.array_equal(b.n_cells, n_cells[rows])
-            ):
-                raise RuntimeError("tile cells differ from the precomputed layout")
-            # stored unit-length, as embeddings_to_sdata stores them
-            for s, v in b.he.items():
-                writers[f"he_{s}"].write(b.start, l2_rows(v))
-            for s, v in b.st.items():
-                writers[f"st_{s}"].write(b.start, l2_rows(v))
-            if b.cell_index.size and cell_writers:
-                c0 = int(cell_start[b.start])
-                if not np.array_equal(cell_index[c0 : c0 + b.cell_index.size], b.cell_index):
-                    raise RuntimeError("batch cells differ from the precomputed layout")
-                for s, v in b.cell_st.items():
-                    cell_writers[s].write(c0, l2_rows(v))
-            done = b.start + b.indices.size
-        if done < idx.size:
-            raise Cancelled()
-        for w in [*writers.values(), *cell_writers.values()]:
-            if not w.close() and w.name in w.group:
-                # never produced (e.g. no tile had enough cells): no placeholder either
-                del w.group[w.name]
-        with warnings.catch_warnings():
-            # spatialdata reads the v3 store through consolidated metadata, as it wrote it
-            warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
-            zarr.consolidate_metadata(str(tmp))
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)  # cancelled or failed: no half store
-        if isinstance(err, OSError):
-            from napari_sigmma.train.checkpoint import write_error
+    return embeddings_to_sdata(skeleton, paired, grid, suffix=suffix, attrs=attrs)
 
-            raise write_error(err, target, "the embeddings") from err
-        raise
-    swap_in(tmp, target)
-    return StreamedEmbedding(
-        path=target,
-        n_tiles=int(idx.size),
-        n_valid=int(valid.sum()),
-        n_cells=int(cell_index.size),
-        seconds=time.perf_counter() - t0,
+
+def _write_batch(
+    b: Any,
+    writers: dict[str, _RowWriter],
+    cell_writers: dict[str, _RowWriter],
+    layout: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    """Write one batch's tile and cell embeddings (unit length, as
+    :func:`~napari_sigmma.embed.memory.embeddings_to_sdata` stores them), after checking
+    that its tiles and cells are those of the precomputed layout."""
+    from napari_sigmma.embed.memory import l2_rows
+
+    n_cells, valid, cell_index, cell_start = layout
+    rows = slice(b.start, b.start + b.indices.size)
+    if not (np.array_equal(b.valid, valid[rows]) and np.array_equal(b.n_cells, n_cells[rows])):
+        raise RuntimeError("tile cells differ from the precomputed layout")
+    for s, v in b.he.items():
+        writers[f"he_{s}"].write(b.start, l2_rows(v))
+    for s, v in b.st.items():
+        writers[f"st_{s}"].write(b.start, l2_rows(v))
+    if b.cell_index.size and cell_writers:
+        c0 = int(cell_start[b.start])
+        if not np.array_equal(cell_index[c0 : c0 + b.cell_index.size], b.cell_index):
+            raise RuntimeError("batch cells differ from the precomputed layout")
+        for s, v in b.cell_st.items():
+            cell_writers[s].write(c0, l2_rows(v))
+
+
+def _tile_layout(
+    paired: PairedSlide,
+    grid: TileGrid,
+    idx: np.ndarray,
+    min_cells: int,
+    *,
+    use_st: bool,
+    cells: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The store's layout from the cell table alone, with the tile graphs' own ``valid``
+    rule: cells per tile, valid tiles, the stored cells' table rows and tile, and each
+    tile's first cell row."""
+    from napari_sigmma.tiles.graphs import cells_per_tile, has_graph
+
+    per_tile = cells_per_tile(paired.cells_px, grid)
+    members = [per_tile[int(i)] for i in idx]
+    del per_tile
+    n_cells = np.array([m.size for m in members], dtype=np.int64)
+    valid = has_graph(n_cells, min_cells) & use_st
+    stored = valid & bool(cells)  # tiles whose cells get node embeddings
+    cell_index = (
+        np.concatenate([m for m, ok in zip(members, stored, strict=True) if ok]).astype(np.int64)
+        if stored.any()
+        else np.zeros(0, np.int64)
     )
+    per_tile_rows = np.where(stored, n_cells, 0)
+    cell_tile = np.repeat(np.arange(idx.size, dtype=np.int64), per_tile_rows)
+    cell_start = np.concatenate([[0], np.cumsum(per_tile_rows)])  # first cell row per tile
+    return n_cells, valid, cell_index, cell_tile, cell_start
+
+
+def _open_writers(
+    tmp: Path, suffix: str, n_tiles: int, n_cell_rows: int, chunk_rows: int
+) -> tuple[dict[str, _RowWriter], dict[str, _RowWriter]]:
+    """Row writers of the tile embeddings (``he_<scale>``, ``st_<scale>``) and of the cell
+    embeddings (by scale; none without stored cells) in the skeleton store ``tmp``."""
+    import zarr
+
+    root = zarr.open_group(str(tmp), mode="r+", use_consolidated=False)
+    tile_obsm = root[f"tables/tile_embeddings{suffix}/obsm"]
+    writers = {f"he_{s}": _RowWriter(tile_obsm, f"he_{s}", n_tiles, chunk_rows) for s in SCALES}
+    writers |= {f"st_{s}": _RowWriter(tile_obsm, f"st_{s}", n_tiles, chunk_rows) for s in SCALES}
+    cell_writers: dict[str, _RowWriter] = {}
+    if n_cell_rows:
+        cell_obsm = root[f"tables/cell_embeddings{suffix}/obsm"]
+        cell_writers = {
+            s: _RowWriter(cell_obsm, f"st_{s}", n_cell_rows, chunk_rows) for s in SCALES
+        }
+    return writers, cell_writers
+
+
+def _close_writers(writers: list[_RowWriter], tmp: Path) -> None:
+    """Flush every writer, drop arrays never produced, and consolidate the store's metadata."""
+    import zarr
+
+    for w in writers:
+        if not w.close() and w.name in w.group:
+            # never produced (e.g. no tile had enough cells): no placeholder either
+            del w.group[w.name]
+    with warnings.catch_warnings():
+        # spatialdata reads the v3 store through consolidated metadata, as it wrote it
+        warnings.filterwarnings("ignore", "Consolidated metadata", UserWarning)
+        zarr.consolidate_metadata(str(tmp))
 
 
 def _inside(path: Path, root: Path) -> bool:

@@ -143,93 +143,29 @@ def read_hest(
         Missing folder, subfolder or file; unknown sample id; a transcripts file without
         the needed columns; an unreadable WSI or segmentation.
     """
-    from scipy import sparse
     from spatialdata import SpatialData
     from spatialdata.transformations import Identity, Scale
 
-    from napari_sigmma.io.wsi import open_slide, slide_image_element
+    from napari_sigmma.io.wsi import slide_image_element
 
     root = Path(path)
     sample_id = _resolve_sample(root, sample_id)
     files = _sample_files(root, sample_id)
 
-    if mpp is None and files["metadata"] is not None:
-        mpp = _metadata_mpp(files["metadata"])
-    try:
-        slide = open_slide(files["wsi"], mpp=mpp)
-    except SigmmaError as err:
-        if mpp is None and "pixel size" in err.problem:
-            meta = root / META_DIR / META_FILE.format(id=sample_id)
-            raise SigmmaError(
-                f"no pixel size: {meta} is missing or has no {MPP_KEYS[0]}, and the WSI "
-                "carries none; pass mpp= (µm per H&E pixel)",
-                path=files["wsi"],
-            ) from err
-        raise
+    slide = _open_wsi(root, sample_id, files, mpp)
     mpp = slide.mpp
 
     tx, panel = _read_transcripts(files["transcripts"], min_qv=min_qv)
     cells_seg = _read_polygons(files["cell_seg"]) if files["cell_seg"] is not None else None
     nuclei_seg = _read_polygons(files["nucleus_seg"]) if files["nucleus_seg"] is not None else None
 
-    # the cells: every segmented cell, then cells that only appear in the transcripts
     assigned = tx[tx["cell_id"] != ""]
-    tx_cells = np.unique(assigned["cell_id"].to_numpy())
-    if cells_seg is not None:
-        seg_ids = cells_seg[0]
-        extra = np.setdiff1d(tx_cells, seg_ids, assume_unique=False)
-        cell_ids = np.concatenate([seg_ids, extra])
-    else:
-        cell_ids = tx_cells
-    if len(cell_ids) == 0:
-        raise SigmmaError(
-            "no cells: no segmentation and no transcript assigned to a cell",
-            path=files["transcripts"],
-        )
+    cell_ids = _cell_ids(assigned, cells_seg, files["transcripts"])
     cell_index = {c: i for i, c in enumerate(cell_ids)}
-    n_cells = len(cell_ids)
-
-    # var = every gene of the panel (all feature names in the file), controls apart
-    panel_is_control = np.array([is_control_feature(f) for f in panel], dtype=bool)
-    genes, ctrl_names = panel[~panel_is_control], panel[panel_is_control]
-    features = assigned["feature_name"].to_numpy()
-    controls_mask = np.isin(features, ctrl_names)
     rows = np.fromiter((cell_index[c] for c in assigned["cell_id"]), np.int64, len(assigned))
-
-    gene_codes = np.searchsorted(genes, features[~controls_mask])
-    counts = sparse.csr_matrix(
-        (np.ones(len(gene_codes), np.float32), (rows[~controls_mask], gene_codes)),
-        shape=(n_cells, len(genes)),
-        dtype=np.float32,
-    )
-    counts.sum_duplicates()
-    ctrl_codes = np.searchsorted(ctrl_names, features[controls_mask])
-    ctrl = sparse.coo_matrix(
-        (np.ones(len(ctrl_codes), np.int64), (rows[controls_mask], ctrl_codes)),
-        shape=(n_cells, len(ctrl_names)),
-    ).toarray()
-
-    # centroids (H&E px): polygons first, transcript means for the rest
-    centroid_px = np.full((n_cells, 2), np.nan)
-    area_px = np.full(n_cells, np.nan)
-    if cells_seg is not None:
-        import shapely
-
-        n_seg = len(cells_seg[0])
-        cxy = shapely.get_coordinates(shapely.centroid(cells_seg[1]))
-        centroid_px[:n_seg] = cxy
-        area_px[:n_seg] = shapely.area(cells_seg[1])
-    missing = np.isnan(centroid_px[:, 0])
-    if missing.any():
-        xy = assigned[["he_x", "he_y"]].to_numpy(np.float64)
-        sums = np.zeros((n_cells, 2))
-        np.add.at(sums, rows, xy)
-        n = np.bincount(rows, minlength=n_cells).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = sums / n[:, None]
-        centroid_px[missing] = means[missing]
-    if np.isnan(centroid_px).any():  # pragma: no cover - every cell has a polygon or transcripts
-        raise SigmmaError("a cell has neither a polygon nor transcripts", path=files["transcripts"])
+    n_cells = len(cell_ids)
+    counts, genes, ctrl, ctrl_names = _count_matrices(assigned, rows, panel, n_cells)
+    centroid_px, area_px = _centroids_px(assigned, rows, n_cells, cells_seg, files["transcripts"])
 
     table = _make_table(
         cell_ids=cell_ids,
@@ -266,6 +202,100 @@ def read_hest(
         "sample_id": sample_id,
     }
     return sdata
+
+
+def _open_wsi(root: Path, sample_id: str, files: dict[str, Path | None], mpp: float | None) -> Any:
+    """Open the sample's WSI; its pixel size is ``mpp``, else the metadata JSON's, else the
+    WSI's own (none of them: an error that says to pass ``mpp=``)."""
+    from napari_sigmma.io.wsi import open_slide
+
+    if mpp is None and files["metadata"] is not None:
+        mpp = _metadata_mpp(files["metadata"])
+    try:
+        slide = open_slide(files["wsi"], mpp=mpp)
+    except SigmmaError as err:
+        if mpp is None and "pixel size" in err.problem:
+            meta = root / META_DIR / META_FILE.format(id=sample_id)
+            raise SigmmaError(
+                f"no pixel size: {meta} is missing or has no {MPP_KEYS[0]}, and the WSI "
+                "carries none; pass mpp= (µm per H&E pixel)",
+                path=files["wsi"],
+            ) from err
+        raise
+    return slide
+
+
+def _cell_ids(assigned: pd.DataFrame, cells_seg: Any, transcripts: Path) -> np.ndarray:
+    """Every segmented cell, then the cells that only appear in the (assigned) transcripts."""
+    tx_cells = np.unique(assigned["cell_id"].to_numpy())
+    if cells_seg is not None:
+        seg_ids = cells_seg[0]
+        extra = np.setdiff1d(tx_cells, seg_ids, assume_unique=False)
+        cell_ids = np.concatenate([seg_ids, extra])
+    else:
+        cell_ids = tx_cells
+    if len(cell_ids) == 0:
+        raise SigmmaError(
+            "no cells: no segmentation and no transcript assigned to a cell",
+            path=transcripts,
+        )
+    return cell_ids
+
+
+def _count_matrices(
+    assigned: pd.DataFrame, rows: np.ndarray, panel: np.ndarray, n_cells: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Cells × genes counts (CSR, float32), the genes, cells × controls counts and the
+    control names, from the transcripts assigned to cell ``rows``."""
+    from scipy import sparse
+
+    # var = every gene of the panel (all feature names in the file), controls apart
+    panel_is_control = np.array([is_control_feature(f) for f in panel], dtype=bool)
+    genes, ctrl_names = panel[~panel_is_control], panel[panel_is_control]
+    features = assigned["feature_name"].to_numpy()
+    controls_mask = np.isin(features, ctrl_names)
+
+    gene_codes = np.searchsorted(genes, features[~controls_mask])
+    counts = sparse.csr_matrix(
+        (np.ones(len(gene_codes), np.float32), (rows[~controls_mask], gene_codes)),
+        shape=(n_cells, len(genes)),
+        dtype=np.float32,
+    )
+    counts.sum_duplicates()
+    ctrl_codes = np.searchsorted(ctrl_names, features[controls_mask])
+    ctrl = sparse.coo_matrix(
+        (np.ones(len(ctrl_codes), np.int64), (rows[controls_mask], ctrl_codes)),
+        shape=(n_cells, len(ctrl_names)),
+    ).toarray()
+    return counts, genes, ctrl, ctrl_names
+
+
+def _centroids_px(
+    assigned: pd.DataFrame, rows: np.ndarray, n_cells: int, cells_seg: Any, transcripts: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centroids and areas (H&E px): polygons first, transcript means for the rest
+    (area NaN for cells without a polygon)."""
+    centroid_px = np.full((n_cells, 2), np.nan)
+    area_px = np.full(n_cells, np.nan)
+    if cells_seg is not None:
+        import shapely
+
+        n_seg = len(cells_seg[0])
+        cxy = shapely.get_coordinates(shapely.centroid(cells_seg[1]))
+        centroid_px[:n_seg] = cxy
+        area_px[:n_seg] = shapely.area(cells_seg[1])
+    missing = np.isnan(centroid_px[:, 0])
+    if missing.any():
+        xy = assigned[["he_x", "he_y"]].to_numpy(np.float64)
+        sums = np.zeros((n_cells, 2))
+        np.add.at(sums, rows, xy)
+        n = np.bincount(rows, minlength=n_cells).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sums / n[:, None]
+        centroid_px[missing] = means[missing]
+    if np.isnan(centroid_px).any():  # pragma: no cover - every cell has a polygon or transcripts
+        raise SigmmaError("a cell has neither a polygon nor transcripts", path=transcripts)
+    return centroid_px, area_px
 
 
 def _resolve_sample(root: Path, sample_id: str | None) -> str:

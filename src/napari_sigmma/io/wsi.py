@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from spatialdata import SpatialData
 
 __all__ = [
-    "SLIDE_SUFFIXES",
     "Slide",
     "is_slide_file",
     "open_slide",

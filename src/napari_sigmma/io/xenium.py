@@ -363,6 +363,24 @@ def check_xenium_bundle(
     SigmmaError
         Naming the missing or corrupt file and what is wrong with it.
     """
+    folder = _bundle_folder(path)
+    pixel_size, version = _check_experiment(folder / xf.EXPERIMENT_FILE)
+    zarr_ids = _check_cells_zarr(folder / xf.CELLS_ZARR)
+    barcodes, _ = _check_h5(folder / xf.CELL_FEATURE_MATRIX)
+    cell_ids = _check_cell_ids(folder, barcodes, zarr_ids)
+    for name in (xf.CELL_BOUNDARIES, xf.NUCLEUS_BOUNDARIES):
+        _check_parquet(folder / name, [xf.CELL_ID, xf.VERTEX_X, xf.VERTEX_Y])
+    _check_parquet(folder / xf.TRANSCRIPTS, [xf.CELL_ID, xf.TX_X, xf.TX_Y, xf.TX_Z, xf.TX_FEATURE])
+    _check_morphology(folder)
+
+    bundle = XeniumBundle(folder, pixel_size, version, len(cell_ids))
+    if he:
+        _attach_he(bundle, keypoints_fixed_units)
+    return bundle
+
+
+def _bundle_folder(path: str | os.PathLike[str]) -> Path:
+    """The bundle folder of ``path``, checked to exist and to hold every required file."""
     folder = Path(path)
     if folder.is_file() and folder.name == xf.EXPERIMENT_FILE:
         folder = folder.parent
@@ -377,9 +395,12 @@ def check_xenium_bundle(
                 f"not a Xenium bundle: required {kind} {name} is missing", path=folder / name
             )
 
-    pixel_size, version = _check_experiment(folder / xf.EXPERIMENT_FILE)
-    zarr_ids = _check_cells_zarr(folder / xf.CELLS_ZARR)
-    barcodes, _ = _check_h5(folder / xf.CELL_FEATURE_MATRIX)
+    return folder
+
+
+def _check_cell_ids(folder: Path, barcodes: np.ndarray, zarr_ids: np.ndarray) -> np.ndarray:
+    """The cell ids of ``cells.parquet``: present, unique, with finite centroids, and the
+    same (in order) as those of the count matrix and of ``cells.zarr.zip``."""
     cells_path = folder / xf.CELLS_PARQUET
     _check_parquet(cells_path, [xf.CELL_ID, xf.CELL_X, xf.CELL_Y, xf.CELL_AREA])
     import pandas as pd
@@ -427,9 +448,11 @@ def check_xenium_bundle(
             f"its cell ids ({len(zarr_ids)}) do not match {xf.CELLS_PARQUET} ({len(cell_ids)})",
             path=folder / xf.CELLS_ZARR,
         )
-    for name in (xf.CELL_BOUNDARIES, xf.NUCLEUS_BOUNDARIES):
-        _check_parquet(folder / name, [xf.CELL_ID, xf.VERTEX_X, xf.VERTEX_Y])
-    _check_parquet(folder / xf.TRANSCRIPTS, [xf.CELL_ID, xf.TX_X, xf.TX_Y, xf.TX_Z, xf.TX_FEATURE])
+    return cell_ids
+
+
+def _check_morphology(folder: Path) -> None:
+    """Check the first morphology-focus image (v1–v3 ``ch0000`` or the v4 DAPI file)."""
     morph_dir = folder / xf.MORPHOLOGY_FOCUS_DIR
     first = morph_dir / xf.MORPHOLOGY_FOCUS_FILE.format(0)
     if not first.exists():
@@ -441,9 +464,14 @@ def check_xenium_bundle(
         )
     _check_tiff(first)
 
-    bundle = XeniumBundle(folder, pixel_size, version, len(cell_ids))
-    if not he:
-        return bundle
+
+def _attach_he(bundle: XeniumBundle, keypoints_fixed_units: Literal["px", "um"]) -> None:
+    """Find and check the bundle's H&E image and set its alignment on ``bundle``.
+
+    The alignment comes from the image's alignment CSV, else the keypoints CSV, else
+    (with a warning) the identity.
+    """
+    folder = bundle.path
     he_path = _find_he(folder)
     if he_path is None:
         raise SigmmaError(
@@ -468,7 +496,7 @@ def check_xenium_bundle(
     elif keypoints:
         kp = keypoints[0]
         bundle.alignment = affine_from_keypoints(
-            kp, fixed_units=keypoints_fixed_units, pixel_size=pixel_size
+            kp, fixed_units=keypoints_fixed_units, pixel_size=bundle.pixel_size
         )
         bundle.alignment_source, bundle.alignment_file = "keypoints", kp
     else:
@@ -476,11 +504,10 @@ def check_xenium_bundle(
             f"{folder}: no {csv.name} or keypoints CSV; assuming the H&E image is already in "
             "morphology pixels (identity alignment)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         bundle.alignment = np.eye(3)
         bundle.alignment_source = "identity"
-    return bundle
 
 
 # ---------------------------------------------------------------------------------------

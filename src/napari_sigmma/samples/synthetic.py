@@ -1435,6 +1435,9 @@ def write_synthetic_sample(
 ) -> Path:
     """Write a synthetic paired sample (procedural H&E + simulated Xenium) into ``out``.
 
+    Over 120 lines because of its parameter documentation; the body is a short sequence of
+    steps (tissue, cells, expression, H&E, bundle, ground truth) that share the affine.
+
     Parameters
     ----------
     out
@@ -1476,39 +1479,14 @@ def write_synthetic_sample(
     The bundle folder.
     """
     from napari_sigmma.io.xenium_format import xenium_cell_ids
-    from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
     from napari_sigmma.samples.xenium_write import write_xenium_bundle
 
     say = progress or (lambda _msg: None)
     out = Path(out)
     tissue = SyntheticTissue(size, seed=seed, mpp=mpp)
     side = tissue.side_um
-    if cells not in ("auto", "all", "window"):
-        raise SigmmaError(f"cells must be 'auto', 'all' or 'window', got {cells!r}", path=out)
-    if render not in ("auto", "exact", "fast"):
-        raise SigmmaError(f"render must be 'auto', 'exact' or 'fast', got {render!r}", path=out)
-    if cell_window < 64:
-        raise SigmmaError(f"cell_window must be at least 64 px, got {cell_window}", path=out)
-    window = None
-    exact_box = None
-    if cells == "window" or (cells == "auto" and size > cell_window):
-        half = min(cell_window, size) * mpp / 2
-        window = (side / 2 - half, side / 2 - half, side / 2 + half, side / 2 + half)
-        m = EXACT_MARGIN_UM
-        exact_box = (
-            max(0, math.floor((window[1] - m) / mpp)),
-            max(0, math.floor((window[0] - m) / mpp)),
-            min(size, math.ceil((window[3] + m) / mpp)),
-            min(size, math.ceil((window[2] + m) / mpp)),
-        )
-    if render == "fast" and window is None:
-        raise SigmmaError(
-            "render='fast' needs a cell window (cells='window', or a slide larger than "
-            f"cell_window={cell_window} px)",
-            path=out,
-        )
+    window, exact_box = _cell_window(size, mpp, side, cells, cell_window, render, out)
     fast = window is not None and render != "exact"
-    rows = math.ceil(size / FAST_TILE)
 
     def render_tile(y: int, x: int, h: int, w: int) -> np.ndarray:
         if fast:
@@ -1529,10 +1507,7 @@ def write_synthetic_sample(
     geo = _polygons(cs)
 
     pixel_size = _choose_pixel_size(side)
-    a = sim.similarity_affine(mpp / pixel_size, ROTATION_DEG, 0.0, 0.0)
-    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], float) @ a.T
-    a[0, 2] = FRAME_MARGIN - corners[:, 0].min()
-    a[1, 2] = FRAME_MARGIN - corners[:, 1].min()
+    a = _he_to_morph(size, mpp, pixel_size)
 
     def to_xenium(xy_slide_um: np.ndarray) -> np.ndarray:
         px = xy_slide_um / mpp
@@ -1566,30 +1541,7 @@ def write_synthetic_sample(
     else:
         say(f"rendering the {size} x {size} px H&E")
 
-    rendered = [0]
-
-    def source(y: int, x: int, h: int, w: int) -> np.ndarray:
-        if x == 0 and rows >= 16:
-            say(f"H&E tile row {y // FAST_TILE + 1}/{rows}")
-        tile = ahead(y, x, h, w) if ahead is not None else render_tile(y, x, h, w)
-        if tile_progress is not None:
-            rendered[0] += 1
-            tile_progress(rendered[0], rows * rows)
-        return tile
-
-    try:
-        write_pyramidal_ome_tiff(
-            he_path,
-            source,
-            shape=(size, size, 3),
-            mpp=mpp,
-            tile=FAST_TILE,
-            compression="jpeg",
-            maxworkers=maxworkers,
-        )
-    finally:
-        if ahead is not None:
-            ahead.close()
+    _write_he(he_path, render_tile, ahead, size, mpp, maxworkers, say, tile_progress)
     transcripts = None
     if int(counts.sum()) > max_transcripts:
         transcripts = _thinned_transcripts(
@@ -1616,6 +1568,101 @@ def write_synthetic_sample(
         transcripts=transcripts,
         seed=seed,
     )
+    _write_ground_truth(Path(path), table, cs, geo, mpp)
+    return Path(path)
+
+
+def _cell_window(
+    size: int,
+    mpp: float,
+    side: float,
+    cells: str,
+    cell_window: int,
+    render: str,
+    out: Path,
+) -> tuple[tuple[float, float, float, float] | None, tuple[int, int, int, int] | None]:
+    """Check the options; return the centred cell window (µm; ``None``: the whole slide)
+    and the H&E pixel box rendered exactly when the rest is composed (``None``: all)."""
+    if cells not in ("auto", "all", "window"):
+        raise SigmmaError(f"cells must be 'auto', 'all' or 'window', got {cells!r}", path=out)
+    if render not in ("auto", "exact", "fast"):
+        raise SigmmaError(f"render must be 'auto', 'exact' or 'fast', got {render!r}", path=out)
+    if cell_window < 64:
+        raise SigmmaError(f"cell_window must be at least 64 px, got {cell_window}", path=out)
+    window = None
+    exact_box = None
+    if cells == "window" or (cells == "auto" and size > cell_window):
+        half = min(cell_window, size) * mpp / 2
+        window = (side / 2 - half, side / 2 - half, side / 2 + half, side / 2 + half)
+        m = EXACT_MARGIN_UM
+        exact_box = (
+            max(0, math.floor((window[1] - m) / mpp)),
+            max(0, math.floor((window[0] - m) / mpp)),
+            min(size, math.ceil((window[3] + m) / mpp)),
+            min(size, math.ceil((window[2] + m) / mpp)),
+        )
+    if render == "fast" and window is None:
+        raise SigmmaError(
+            "render='fast' needs a cell window (cells='window', or a slide larger than "
+            f"cell_window={cell_window} px)",
+            path=out,
+        )
+    return window, exact_box
+
+
+def _he_to_morph(size: int, mpp: float, pixel_size: float) -> np.ndarray:
+    """The H&E px → morphology px affine: scaled, rotated by ``ROTATION_DEG`` and shifted
+    so the rotated slide starts ``FRAME_MARGIN`` px inside the frame."""
+    a = sim.similarity_affine(mpp / pixel_size, ROTATION_DEG, 0.0, 0.0)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], float) @ a.T
+    a[0, 2] = FRAME_MARGIN - corners[:, 0].min()
+    a[1, 2] = FRAME_MARGIN - corners[:, 1].min()
+    return a
+
+
+def _write_he(
+    he_path: Path,
+    render_tile: Callable[[int, int, int, int], np.ndarray],
+    ahead: Any,
+    size: int,
+    mpp: float,
+    maxworkers: int,
+    say: Callable[[str], None],
+    tile_progress: Callable[[int, int], None] | None,
+) -> None:
+    """Render the H&E tile by tile (through the workers ``ahead`` when given, closed at the
+    end) and stream it into a pyramidal OME-TIFF."""
+    from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
+
+    rows = math.ceil(size / FAST_TILE)
+    rendered = [0]
+
+    def source(y: int, x: int, h: int, w: int) -> np.ndarray:
+        if x == 0 and rows >= 16:
+            say(f"H&E tile row {y // FAST_TILE + 1}/{rows}")
+        tile = ahead(y, x, h, w) if ahead is not None else render_tile(y, x, h, w)
+        if tile_progress is not None:
+            rendered[0] += 1
+            tile_progress(rendered[0], rows * rows)
+        return tile
+
+    try:
+        write_pyramidal_ome_tiff(
+            he_path,
+            source,
+            shape=(size, size, 3),
+            mpp=mpp,
+            tile=FAST_TILE,
+            compression="jpeg",
+            maxworkers=maxworkers,
+        )
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _write_ground_truth(path: Path, table: pd.DataFrame, cs: CellSet, geo: Any, mpp: float) -> None:
+    """Write the cells' true type, domain, programme flags and H&E positions."""
     truth = table[["cell_id", "cell_type"]].copy()
     truth["domain"] = np.asarray(DOMAINS)[cs.domain]
     truth["immune_core"] = cs.core
@@ -1625,4 +1672,3 @@ def write_synthetic_sample(
     truth["nucleus_he_x"] = cs.nx / mpp
     truth["nucleus_he_y"] = cs.ny / mpp
     truth.to_parquet(Path(path) / GROUND_TRUTH_FILE, index=False)
-    return Path(path)

@@ -221,6 +221,9 @@ def write_pyramidal_ome_tiff(
 ) -> Path:
     """Write a tiled, pyramidal OME-TIFF (BigTIFF, sub-resolutions in SubIFDs).
 
+    Over 120 lines because of its parameter documentation; what remains is one
+    ``TiffWriter`` session (level 0, then the spooled levels) that must clean up together.
+
     Parameters
     ----------
     path
@@ -265,22 +268,7 @@ def write_pyramidal_ome_tiff(
     if not mpp or mpp <= 0 or not np.isfinite(mpp):
         raise SigmmaError(f"pixel size (mpp) must be positive, got {mpp}", path=path)
 
-    if callable(image_or_tile_source):
-        if shape is None:
-            raise SigmmaError("a tile source needs shape=(H, W[, C])", path=path)
-        source: TileSource = image_or_tile_source
-        full_shape = tuple(int(s) for s in shape)
-        np_dtype = np.dtype(dtype or np.uint8)
-    else:
-        arr = np.asarray(image_or_tile_source)
-        if arr.ndim not in (2, 3):
-            raise SigmmaError(f"image must be (H, W) or (H, W, C), got {arr.shape}", path=path)
-        full_shape = arr.shape
-        np_dtype = arr.dtype
-
-        def source(y: int, x: int, h: int, w: int) -> np.ndarray:
-            return arr[y : y + h, x : x + w]
-
+    source, full_shape, np_dtype = _tile_source(image_or_tile_source, shape, dtype, path)
     height, width = full_shape[:2]
     channels: tuple[int, ...] = tuple(full_shape[2:])
     if height <= 0 or width <= 0:
@@ -289,16 +277,7 @@ def write_pyramidal_ome_tiff(
         raise SigmmaError(f"expected 1, 3 or 4 samples per pixel, got {channels[0]}", path=path)
     rgb = bool(channels) and channels[0] in (3, 4)
 
-    comp: str | None = None if compression == "none" else compression
-    compressionargs: dict[str, Any] | None = None
-    if comp == "jpeg":
-        if np_dtype != np.uint8:
-            raise SigmmaError("JPEG compression needs uint8 pixels; use zlib", path=path)
-        compressionargs = {"level": int(quality)}
-    elif comp == "zlib":
-        compressionargs = {"level": 6}
-    elif comp is not None:
-        raise SigmmaError(f"unknown compression {compression!r}", path=path)
+    comp, compressionargs = _compression_args(compression, quality, np_dtype, path)
 
     shapes = pyramid_shapes(height, width, tile=tile, levels=levels)
     tile_shape = (tile, tile, *channels)
@@ -309,49 +288,7 @@ def write_pyramidal_ome_tiff(
     for lvl in range(len(shapes) - 1, 0, -1):
         sink = _LevelSink(shapes[lvl], tile, channels, np_dtype, spools[lvl - 1], sink)
 
-    def level0_tiles() -> Iterator[np.ndarray]:
-        # tiles go to the reduction cascade one by one; tifffile stops pulling after the
-        # last tile, so a row is closed (and the cascade finished) before its last tile is
-        # yielded
-        for y in range(0, height, tile):
-            h = min(tile, height - y)
-            for x in range(0, width, tile):
-                w = min(tile, width - x)
-                region = np.asarray(source(y, x, h, w))
-                if region.shape[:2] != (h, w) or region.shape[2:] != channels:
-                    raise SigmmaError(
-                        f"tile source returned {region.shape} for region y={y} x={x} "
-                        f"h={h} w={w}, expected {(h, w, *channels)}",
-                        path=path,
-                    )
-                region = region.astype(np_dtype, copy=False)
-                if sink is not None:
-                    sink.feed(region, x)
-                    if x + tile >= width:
-                        sink.row_done(h)
-                        if y + tile >= height:
-                            sink.finish()
-                if (h, w) != (tile, tile):
-                    full = np.zeros(tile_shape, dtype=np_dtype)
-                    full[:h, :w] = region
-                    region = full
-                yield region
-
-    if rgb:
-        axes, photometric = "YXS", "rgb"
-    elif channels:
-        axes, photometric = "YXS", "minisblack"
-    else:
-        axes, photometric = "YX", "minisblack"
-    metadata: dict[str, Any] = {
-        "axes": axes,
-        "PhysicalSizeX": float(mpp),
-        "PhysicalSizeXUnit": "µm",
-        "PhysicalSizeY": float(mpp),
-        "PhysicalSizeYUnit": "µm",
-    }
-    if channel_names and not rgb:
-        metadata["Channel"] = {"Name": list(channel_names)}
+    photometric, metadata = _ome_metadata(mpp, channels, rgb, channel_names)
     options: dict[str, Any] = {
         "tile": (tile, tile),
         "dtype": np_dtype,
@@ -369,7 +306,7 @@ def write_pyramidal_ome_tiff(
     try:
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
             tif.write(
-                level0_tiles(),
+                _level0_tiles(source, (height, width), tile, channels, np_dtype, sink, path),
                 shape=(height, width, *channels),
                 subifds=len(shapes) - 1,
                 resolution=(1e4 / mpp, 1e4 / mpp),
@@ -400,6 +337,111 @@ def write_pyramidal_ome_tiff(
             path.unlink(missing_ok=True)
             raise
     return path
+
+
+def _tile_source(
+    image_or_tile_source: np.ndarray | TileSource,
+    shape: tuple[int, ...] | None,
+    dtype: Any,
+    path: Path,
+) -> tuple[TileSource, tuple[int, ...], np.dtype]:
+    """A tile source, the full image shape and the pixel dtype, from an array or a source."""
+    if callable(image_or_tile_source):
+        if shape is None:
+            raise SigmmaError("a tile source needs shape=(H, W[, C])", path=path)
+        source: TileSource = image_or_tile_source
+        full_shape = tuple(int(s) for s in shape)
+        np_dtype = np.dtype(dtype or np.uint8)
+    else:
+        arr = np.asarray(image_or_tile_source)
+        if arr.ndim not in (2, 3):
+            raise SigmmaError(f"image must be (H, W) or (H, W, C), got {arr.shape}", path=path)
+        full_shape = arr.shape
+        np_dtype = arr.dtype
+
+        def source(y: int, x: int, h: int, w: int) -> np.ndarray:
+            return arr[y : y + h, x : x + w]
+
+    return source, full_shape, np_dtype
+
+
+def _compression_args(
+    compression: str, quality: int, np_dtype: np.dtype, path: Path
+) -> tuple[str | None, dict[str, Any] | None]:
+    """tifffile's ``compression`` and ``compressionargs`` for ``compression``."""
+    comp: str | None = None if compression == "none" else compression
+    compressionargs: dict[str, Any] | None = None
+    if comp == "jpeg":
+        if np_dtype != np.uint8:
+            raise SigmmaError("JPEG compression needs uint8 pixels; use zlib", path=path)
+        compressionargs = {"level": int(quality)}
+    elif comp == "zlib":
+        compressionargs = {"level": 6}
+    elif comp is not None:
+        raise SigmmaError(f"unknown compression {compression!r}", path=path)
+    return comp, compressionargs
+
+
+def _level0_tiles(
+    source: TileSource,
+    size: tuple[int, int],
+    tile: int,
+    channels: tuple[int, ...],
+    np_dtype: np.dtype,
+    sink: _LevelSink | None,
+    path: Path,
+) -> Iterator[np.ndarray]:
+    """Full-resolution tiles in row-major order (edge tiles zero-padded), each also fed to
+    the reduction cascade ``sink`` that builds the lower levels."""
+    height, width = size
+    # tiles go to the reduction cascade one by one; tifffile stops pulling after the
+    # last tile, so a row is closed (and the cascade finished) before its last tile is
+    # yielded
+    for y in range(0, height, tile):
+        h = min(tile, height - y)
+        for x in range(0, width, tile):
+            w = min(tile, width - x)
+            region = np.asarray(source(y, x, h, w))
+            if region.shape[:2] != (h, w) or region.shape[2:] != channels:
+                raise SigmmaError(
+                    f"tile source returned {region.shape} for region y={y} x={x} "
+                    f"h={h} w={w}, expected {(h, w, *channels)}",
+                    path=path,
+                )
+            region = region.astype(np_dtype, copy=False)
+            if sink is not None:
+                sink.feed(region, x)
+                if x + tile >= width:
+                    sink.row_done(h)
+                    if y + tile >= height:
+                        sink.finish()
+            if (h, w) != (tile, tile):
+                full = np.zeros((tile, tile, *channels), dtype=np_dtype)
+                full[:h, :w] = region
+                region = full
+            yield region
+
+
+def _ome_metadata(
+    mpp: float, channels: tuple[int, ...], rgb: bool, channel_names: list[str] | None
+) -> tuple[str, dict[str, Any]]:
+    """The photometric interpretation and the OME metadata of level 0."""
+    if rgb:
+        axes, photometric = "YXS", "rgb"
+    elif channels:
+        axes, photometric = "YXS", "minisblack"
+    else:
+        axes, photometric = "YX", "minisblack"
+    metadata: dict[str, Any] = {
+        "axes": axes,
+        "PhysicalSizeX": float(mpp),
+        "PhysicalSizeXUnit": "µm",
+        "PhysicalSizeY": float(mpp),
+        "PhysicalSizeYUnit": "µm",
+    }
+    if channel_names and not rgb:
+        metadata["Channel"] = {"Name": list(channel_names)}
+    return photometric, metadata
 
 
 def chain_subifds(path: str | os.PathLike[str]) -> int:

@@ -840,6 +840,9 @@ def write_xenium_bundle(
 ) -> Path:
     """Write a Xenium Onboard Analysis 2.x output folder with an aligned H&E image.
 
+    Over 120 lines because of its parameter documentation; the body checks the inputs and
+    calls one writer per bundle file.
+
     Parameters
     ----------
     out
@@ -904,35 +907,8 @@ def write_xenium_bundle(
         raise SigmmaError(exc.problem, path=out) from exc
 
     # H&E first: its extent decides the morphology frame's size together with the cells
-    he_name = f"{name_prefix}{xf.HE_IMAGE_SUFFIX}"
-    he_path = out / he_name
-    he_mpp = pixel_size * math.sqrt(abs(np.linalg.det(affine[:2, :2])))
-    if isinstance(he_image, str | os.PathLike):
-        src = Path(he_image)
-        he_h, he_w = _tiff_shape(src)
-        _place_file(src, he_path)
-    else:
-        img = np.asarray(he_image)
-        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
-            raise SigmmaError(
-                f"he_image must be (H, W, 3) uint8, got {img.shape} {img.dtype}", path=out
-            )
-        he_h, he_w = img.shape[:2]
-        write_pyramidal_ome_tiff(he_path, img, mpp=he_mpp, tile=512, compression="jpeg")
-    np.savetxt(out / f"{name_prefix}{xf.HE_ALIGNMENT_SUFFIX}", affine, delimiter=",", fmt="%.17g")
-
-    corners = np.array([[0, 0, 1], [he_w, 0, 1], [0, he_h, 1], [he_w, he_h, 1]], float)
-    he_max = (affine @ corners.T).T[:, :2].max(axis=0)
-    cell_max = cell_polys.hi.max(axis=0) / pixel_size
-    if isinstance(morphology, str | os.PathLike):
-        mh, mw = _tiff_shape(Path(morphology))
-    elif morphology is not None:
-        arr = np.asarray(morphology)
-        mh, mw = arr.shape[-2:]
-    else:
-        mw = max(1, math.ceil(max(he_max[0], cell_max[0])) + 1)
-        mh = max(1, math.ceil(max(he_max[1], cell_max[1])) + 1)
-    shape = (int(mh), int(mw))
+    he_h, he_w = _write_he(out, he_image, affine, pixel_size, name_prefix)
+    shape = _morphology_shape(morphology, affine, (he_h, he_w), cell_polys, pixel_size)
 
     nuc_count = np.bincount(nuc_polys.owner, minlength=len(cells))
     _write_cells_zarr(
@@ -975,3 +951,55 @@ def write_xenium_bundle(
         seed=seed,
     )
     return out
+
+
+def _write_he(
+    out: Path,
+    he_image: np.ndarray | str | os.PathLike[str],
+    affine: np.ndarray,
+    pixel_size: float,
+    name_prefix: str,
+) -> tuple[int, int]:
+    """Write (or link in) the H&E OME-TIFF and its alignment CSV; return its (H, W)."""
+    he_name = f"{name_prefix}{xf.HE_IMAGE_SUFFIX}"
+    he_path = out / he_name
+    he_mpp = pixel_size * math.sqrt(abs(np.linalg.det(affine[:2, :2])))
+    if isinstance(he_image, str | os.PathLike):
+        src = Path(he_image)
+        he_h, he_w = _tiff_shape(src)
+        _place_file(src, he_path)
+    else:
+        img = np.asarray(he_image)
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise SigmmaError(
+                f"he_image must be (H, W, 3) uint8, got {img.shape} {img.dtype}", path=out
+            )
+        he_h, he_w = img.shape[:2]
+        write_pyramidal_ome_tiff(he_path, img, mpp=he_mpp, tile=512, compression="jpeg")
+    np.savetxt(out / f"{name_prefix}{xf.HE_ALIGNMENT_SUFFIX}", affine, delimiter=",", fmt="%.17g")
+    return int(he_h), int(he_w)
+
+
+def _morphology_shape(
+    morphology: np.ndarray | str | os.PathLike[str] | None,
+    affine: np.ndarray,
+    he_shape: tuple[int, int],
+    cell_polys: _Polygons,
+    pixel_size: float,
+) -> tuple[int, int]:
+    """(H, W) of the morphology frame: the given image's, else enough to hold the mapped
+    H&E image and every cell."""
+    he_h, he_w = he_shape
+    corners = np.array([[0, 0, 1], [he_w, 0, 1], [0, he_h, 1], [he_w, he_h, 1]], float)
+    he_max = (affine @ corners.T).T[:, :2].max(axis=0)
+    cell_max = cell_polys.hi.max(axis=0) / pixel_size
+    if isinstance(morphology, str | os.PathLike):
+        mh, mw = _tiff_shape(Path(morphology))
+    elif morphology is not None:
+        arr = np.asarray(morphology)
+        mh, mw = arr.shape[-2:]
+    else:
+        mw = max(1, math.ceil(max(he_max[0], cell_max[0])) + 1)
+        mh = max(1, math.ceil(max(he_max[1], cell_max[1])) + 1)
+    shape = (int(mh), int(mw))
+    return shape

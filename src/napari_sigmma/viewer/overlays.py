@@ -106,11 +106,6 @@ class Frame:
             unit_names=units if len(units) == 2 else ("um", "um"),  # type: ignore[arg-type]
         )
 
-    @classmethod
-    def microns(cls, he_mpp: float) -> Frame:
-        """The default: world = µm (the H&E shown with ``scale = he_mpp``)."""
-        return cls(float(he_mpp), np.array([he_mpp, he_mpp], float), np.zeros(2))
-
     def units(self, ndim: int = 2) -> tuple[str, ...]:
         """Layer units: the H&E layer's (µm when its pixel size is known)."""
         return (*(["pixel"] * (ndim - 2)), *self.unit_names)
@@ -560,20 +555,6 @@ class LiveOverlays:
         self._note_attention()
         self._touch(names)
 
-    def set_clusters(self, clusters: ClusterSet | None) -> None:
-        """Use a (re)fitted cluster set: recolour every shown tile in place."""
-        self.clusters = clusters
-        if not self.tiles:
-            return
-        self._ensure_layers()
-        if clusters is not None and clusters.n_clusters > 64:
-            for s in SCALES:
-                self.layers[layer_name("clusters", s)].colormap = label_colormap(
-                    clusters.n_clusters
-                )
-        self._write_clusters(list(self.tiles.values()), [])
-        self._touch(layer_name("cells", s) for s in SCALES)
-
     def set_genes(self, genes: Sequence[str], gene_head: GeneHead | None) -> None:
         """Show predicted and measured maps of ``genes`` (replacing earlier gene layers)."""
         self.gene_head = gene_head
@@ -595,23 +576,6 @@ class LiveOverlays:
     def clear(self) -> None:
         """Forget every shown tile (layers stay, emptied)."""
         self.show([], keep=[])
-
-    def remove_layers(self) -> None:
-        """Take the SIGMMA layers out of the viewer."""
-        for layer in list(self.layers.values()):
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
-        self.layers.clear()
-        self._rasters.clear()
-        self._dirty.clear()
-        self._queue.clear()
-        self.tiles.clear()
-
-    def refresh_all(self) -> None:
-        """Bring every layer (also the hidden ones) up to date."""
-        for name in list(self._dirty):
-            if name in self.layers:
-                self._apply(name)
 
     # -- rasters ----------------------------------------------------------------------------
     def _write_raster(
@@ -776,11 +740,6 @@ class LiveOverlays:
             del self.messages[:-20]
 
     # -- genes ------------------------------------------------------------------------------
-    def measured_offset_px(self) -> float:
-        """x shift (level-0 px) of the measured gene maps: none (they lie on the H&E, and
-        the grid view shows them beside the predicted ones)."""
-        return 0.0
-
     def _gene_layer(self, name: str, per_side: int, kind: str, gene: str) -> Any:
         from napari.layers import Image
 
