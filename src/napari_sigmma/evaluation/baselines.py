@@ -46,7 +46,8 @@ def frozen_backbone_model(model_cfg: Any, n_node_features: int, n_genes: int) ->
     (its heads are unused: only :meth:`backbone_features` serves the baseline)."""
     import torch
 
-    from napari_sigmma.models.sigmma import ModelConfig, SigmmaModel
+    from napari_sigmma.models.config import ModelConfig
+    from napari_sigmma.models.sigmma import SigmmaModel
 
     d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     cfg = ModelConfig.from_dict({**d, "finetune": "frozen"})
@@ -117,12 +118,13 @@ def train_variant(
 ) -> Path:
     """Train ``cfg`` on the split ``split_path`` (or reuse a finished run of exactly this
     config in ``cfg.run_dir``); return its best checkpoint."""
+    from napari_sigmma.train.checkpoint import resolve_checkpoint
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     run = Path(cfg.run_dir)
-    best = run / "checkpoints" / "best.pt"
-    if best.is_file() and (run / "config.yaml").is_file():
+    best = run.is_dir() and resolve_checkpoint(run, names=("best.pt",), missing_ok=True)
+    if best and (run / "config.yaml").is_file():
         if TrainConfig.from_yaml(run / "config.yaml") == cfg and _same_split(
             run / "split.json", split_path
         ):
@@ -265,9 +267,10 @@ def train_and_compare(
     """
     from napari_sigmma.evaluation.report import write_compare
     from napari_sigmma.evaluation.run import evaluate
+    from napari_sigmma.train.checkpoint import resolve_checkpoint
     from napari_sigmma.train.config import TrainConfig
     from napari_sigmma.train.data import expand_data
-    from napari_sigmma.train.trainer import train
+    from napari_sigmma.train.loop import train
 
     out = Path(out)
     items = [data] if isinstance(data, str | os.PathLike) else list(data)
@@ -289,8 +292,9 @@ def train_and_compare(
         changes["tile_cache_dir"] = str(out / "cache")
     cfg = cfg.replace(**changes)
     run = Path(cfg.run_dir)
-    best = run / "checkpoints" / "best.pt"
-    if best.is_file() and TrainConfig.from_yaml(run / "config.yaml") == cfg:
+    found = run.is_dir() and resolve_checkpoint(run, names=("best.pt",), missing_ok=True)
+    best = found or run / "checkpoints" / "best.pt"
+    if found and TrainConfig.from_yaml(run / "config.yaml") == cfg:
         if log:
             log(f"reusing the finished run {run}")
     else:
