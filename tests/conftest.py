@@ -230,3 +230,15 @@ def tiny_trained_run(synthetic_small: Path, tmp_path_factory: pytest.TempPathFac
     cfg = tiny_cfg(synthetic_small, root / "run", root / "features").replace(epochs=1)
     assert train(cfg).status == "completed"
     return cfg
+
+
+@pytest.fixture(scope="session")
+def synthetic_medium(sigmma_cache: Path) -> Path:
+    """A larger synthetic paired sample (2560 px at 0.5 µm/px: ~90 tissue tiles of 256 px),
+    for the tests whose probes need tens of training tiles; written once per session."""
+    from napari_sigmma.samples.synthetic import write_synthetic_sample
+
+    out = sigmma_cache / "synthetic_2560_seed0"
+    if not (out / "experiment.xenium").is_file():
+        write_synthetic_sample(out, size=2560, seed=0)
+    return out

@@ -25,13 +25,19 @@ SCALES = ("micro", "meso", "macro")
 
 
 @pytest.fixture(scope="module")
-def trained(synthetic_small, tmp_path_factory) -> tuple[Path, Path, object]:
-    """A 2-epoch tiny run with 40 % of the tiles held out for testing."""
-    from napari_sigmma.train.trainer import train
+def trained(synthetic_medium, tmp_path_factory) -> tuple[Path, Path, object]:
+    """A 6-epoch tiny run on ~80 tiles with 30 % held out for testing (enough training tiles
+    for the HEST ridge probe to beat the training-mean floor)."""
+    from napari_sigmma.train.loop import train
 
     root = tmp_path_factory.mktemp("eval")
     cfg = tiny_cfg(
-        synthetic_small, root / "run", root / "features", split_fractions=[0.5, 0.1, 0.4]
+        synthetic_medium,
+        root / "run",
+        root / "features",
+        split_fractions=[0.6, 0.1, 0.3],
+        epochs=6,
+        patience=6,
     )
     res = train(cfg)
     assert res.status == "completed"
@@ -39,12 +45,12 @@ def trained(synthetic_small, tmp_path_factory) -> tuple[Path, Path, object]:
 
 
 @pytest.fixture(scope="module")
-def evaluated(trained, synthetic_small) -> tuple[Path, dict]:
+def evaluated(trained, synthetic_medium) -> tuple[Path, dict]:
     from napari_sigmma.evaluation.run import evaluate
 
     root, run, _ = trained
     out = root / "report"
-    m = evaluate(synthetic_small, run, out, dump_embeddings=True, device="cpu", throughput_tiles=1)
+    m = evaluate(synthetic_medium, run, out, dump_embeddings=True, device="cpu", throughput_tiles=1)
     return out, m
 
 
@@ -203,20 +209,38 @@ def test_dumped_embeddings_recompute_the_numbers(evaluated) -> None:
 
 
 def test_trained_model_is_better_than_nothing(evaluated) -> None:
-    _, m = evaluated
-    # two tiny epochs on ~15 tiles: only sanity here (the real comparison is the slow test)
-    assert m["task1"]["pcc_mean"] > 0.2
-    assert m["by_embedding"]["concat"]["task2"]["curve"]["he_to_st"][-1] == 1.0
+    """Against the floors that need no model: predicting the training mean for every test
+    tile (Task 1: its per-tile PCC is high because every tile shares the mean profile; its
+    MSE), and chance retrieval (Task 2: Recall@15 % averaged over the two directions, 28 test
+    tiles). Six tiny epochs on ~50 training tiles, so only "better than nothing" is asked
+    (the real comparison is the slow test)."""
+    out, m = evaluated
+    with np.load(out / "embeddings.npz", allow_pickle=False) as z:
+        y, y_train = z["targets_test"], z["targets_train"]
+    floor = np.broadcast_to(y_train.mean(axis=0), y.shape)
+    floor_pcc = float(np.nanmean([pearsonr(floor[i], y[i])[0] for i in range(len(y))]))
+    floor_mse = float(np.mean((floor - y) ** 2))
+    t1, t2 = m["task1"], m["task2"]
+    print(
+        f"\nTask 1 PCC {t1['pcc_mean']:.3f} (training-mean floor {floor_pcc:.3f}), MSE "
+        f"{t1['mse_mean']:.4f} (floor {floor_mse:.4f}); Task 2 HE->ST R@15% "
+        f"{t2['he_to_st']['R@15%']:.3f}, ST->HE {t2['st_to_he']['R@15%']:.3f} "
+        f"(chance {t2['chance']['R@15%']:.3f})"
+    )
+    assert t1["pcc_mean"] > floor_pcc
+    assert t1["mse_mean"] < floor_mse
+    mean_r15 = (t2["he_to_st"]["R@15%"] + t2["st_to_he"]["R@15%"]) / 2
+    assert mean_r15 > t2["chance"]["R@15%"]
 
 
-def test_ablation_on_the_same_split_and_compare_table(trained, evaluated, synthetic_small):
+def test_ablation_on_the_same_split_and_compare_table(trained, evaluated, synthetic_medium):
     from napari_sigmma.cli import main
     from napari_sigmma.evaluation.baselines import train_variant, variant_config
 
     root, run, cfg = trained
     out, _ = evaluated
     from napari_sigmma.tiles.split import TileSplit
-    from napari_sigmma.train.trainer import load_slides, make_split
+    from napari_sigmma.train.data import load_slides, make_split
 
     vcfg = variant_config(cfg, "single_scale", root / "single", ref_run=run, epochs=1)
     assert vcfg.model.scales == ("macro",) and vcfg.split_fractions == cfg.split_fractions
@@ -252,7 +276,7 @@ def test_ablation_on_the_same_split_and_compare_table(trained, evaluated, synthe
     md = (cmp_dir / "compare.md").read_text()
     assert "frozen backbone" in md and "full+fast" in md and "single_scale+fast" in md
     assert "same" in md and "Warning" not in md  # one split for every row
-    assert "paper's order" in md
+    assert "leave-one-out order" in md
     table = json.loads((cmp_dir / "compare.json").read_text())
     labels = [r["label"] for r in table["rows"]]
     assert labels == ["frozen backbone (fast)", "full+fast", "single_scale+fast"]
@@ -313,4 +337,4 @@ def test_headline_comparison_on_400_held_out_synthetic_tiles(sigmma_cache, tmp_p
     r5 = lambda r: r["task2"]["he_to_st"]["R@5%"] + r["task2"]["st_to_he"]["R@5%"]  # noqa: E731
     assert r5(full) > r5(frozen)
     assert set(rows) >= {"bleep+fast", "no_graph+fast", "single_scale+fast", "no_sparsify+fast"}
-    assert "paper's order" in table["markdown"]
+    assert "leave-one-out order" in table["markdown"]

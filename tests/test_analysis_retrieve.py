@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_sigmma.errors import SigmmaError
 from napari_sigmma.embed.result import TileResult
+from napari_sigmma.errors import SigmmaError
 from napari_sigmma.retrieval.query import (
     RetrievalStore,
     SlideEmbeddings,

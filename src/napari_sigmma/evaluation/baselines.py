@@ -1,8 +1,8 @@
 """Baselines and ablations, trained and evaluated on exactly the split of a reference run.
 
 - **frozen backbone** (the paper's "UNI" row): the backbone's 21 crop features mean-pooled
-  per scale, no heads, no training (:func:`frozen_backbone_model`,
-  :func:`pooled_crop_features`). Evaluated inside every :func:`~.evaluate.evaluate`.
+  per scale, no heads, no training (:func:`~.floors.frozen_backbone_model`,
+  :func:`~.floors.pooled_crop_features`). Evaluated inside every :func:`~.evaluate.evaluate`.
 - **BLEEP-style** (``bleep``): image encoder + MLP over the tile's expression, one
   (macro) scale, CLIP loss — ``use_graph=False, scales=("macro",)``. BLEEP feeds
   expression principal components; here the MLP's input is the tile's log1p-normalised
@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from napari_sigmma.errors import SigmmaError
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -39,31 +37,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "multicrop": {},  # filled in from the reference: the other multi-crop mode
 }
 DEFAULT_VARIANTS = ("bleep", "no_graph", "single_scale", "no_sparsify")
-
-
-def frozen_backbone_model(model_cfg: Any, n_node_features: int, n_genes: int) -> Any:
-    """A SIGMMA model whose backbone is the pretrained, frozen backbone of ``model_cfg``
-    (its heads are unused: only :meth:`backbone_features` serves the baseline)."""
-    import torch
-
-    from napari_sigmma.models.config import ModelConfig
-    from napari_sigmma.models.sigmma import SigmmaModel
-
-    d = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
-    cfg = ModelConfig.from_dict({**d, "finetune": "frozen"})
-    torch.manual_seed(0)
-    model = SigmmaModel(cfg, int(n_node_features), int(n_genes))
-    return model.eval()
-
-
-def pooled_crop_features(crops: np.ndarray) -> dict[str, np.ndarray]:
-    """``(n, 21, C)`` crop features → ``{scale: (n, C)}`` means over each scale's crops."""
-    from napari_sigmma.models.multicrop import CROP_SLICES
-
-    crops = np.asarray(crops, dtype=np.float32)
-    if crops.ndim != 3 or crops.shape[1] != 21:
-        raise SigmmaError(f"crop features must be (n, 21, C), got {crops.shape}")
-    return {s: crops[:, sl].mean(axis=1) for s, sl in CROP_SLICES.items()}
 
 
 def variant_changes(name: str, ref_model: dict[str, Any]) -> dict[str, Any]:

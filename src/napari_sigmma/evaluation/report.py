@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from napari_sigmma.evaluation.run import EvalResult
+    from napari_sigmma.evaluation.results import EvalResult
 
 SCALE_ORDER = ("micro", "meso", "macro", "concat")
 #: A leave-one-out order (each removal hurts, the graph most). NOT Table 4: the paper's rows
@@ -638,7 +638,7 @@ def plot_compare_recall(rows: list[dict[str, Any]], path: Path) -> None:
 def write_compare(items: list[dict[str, Any]], out: Path) -> dict[str, Any]:
     """Write ``compare.md``, ``compare.json`` and ``compare_recall.png``; return the table
     (``{"rows", "order_check", "markdown"}``)."""
-    from napari_sigmma.evaluation.run import write_json
+    from napari_sigmma.evaluation.results import write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

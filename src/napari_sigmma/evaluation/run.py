@@ -74,6 +74,7 @@ import numpy as np
 
 from napari_sigmma.constants import SCALES
 from napari_sigmma.errors import SigmmaError
+from napari_sigmma.evaluation.results import EvalResult, write_json
 from napari_sigmma.files import atomic_savez
 
 HEADLINE = "macro"  # the embedding of the task1 / task2 blocks (see the module docstring)
@@ -439,7 +440,7 @@ def prepare_inputs(
 ) -> EvalInputs:
     """Embeddings, frozen-backbone features, targets of the train and test tiles of ``rd``
     (a :class:`~napari_sigmma.train.data.RunData`)."""
-    from napari_sigmma.evaluation.baselines import frozen_backbone_model, pooled_crop_features
+    from napari_sigmma.evaluation.floors import frozen_backbone_model, pooled_crop_features
     from napari_sigmma.tiles.dataset import PairedTileDataset
     from napari_sigmma.train.validation import encode_entries
 
@@ -526,16 +527,6 @@ def diagnostics_block(
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-@dataclass
-class EvalResult:
-    """Metrics plus what the plots need (predictions of the headline embedding)."""
-
-    metrics: dict[str, Any]
-    probe: Any  # ProbeResult of the headline embedding
-    frozen_probe: Any = None
-    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def compute_metrics(
@@ -870,27 +861,6 @@ def dump_npz(path: Path, inp: EvalInputs, metrics: dict[str, Any], extras: dict[
         seed=np.array(int(metrics["seed"])),
     )
     atomic_savez(path, arrays, compressed=True)
-
-
-def _clean(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_clean(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # JSON has no NaN
-    return v
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (NaN → null)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=1))
-    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> dict[str, Any]:

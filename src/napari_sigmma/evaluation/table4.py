@@ -327,7 +327,8 @@ def run_table4(
     """
     from napari_sigmma.device import resolve_device
     from napari_sigmma.evaluation.baselines import train_variant
-    from napari_sigmma.evaluation.run import _load, eval_config, evaluate, run_dir_of, write_json
+    from napari_sigmma.evaluation.results import write_json
+    from napari_sigmma.evaluation.run import _load, eval_config, evaluate, run_dir_of
 
     out = Path(out)
     if int(n_seeds) < 1:

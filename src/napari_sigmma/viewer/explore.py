@@ -121,8 +121,10 @@ class ExploreWidget(QWidget):
             scales_row.addWidget(box)
         self.threshold = QDoubleSpinBox()
         self.threshold.setRange(0.0, 1.0)
-        self.threshold.setSingleStep(0.05)
-        self.threshold.setDecimals(2)
+        # three decimals: a sampler that has not polarised scores everything near 0.5
+        # (the diagnostics' score_std), and two decimals could not split those edges
+        self.threshold.setSingleStep(0.01)
+        self.threshold.setDecimals(3)
         self.threshold.setValue(0.0)
         self.threshold.setToolTip("Hide learned edges with probability below this")
         self.threshold.valueChanged.connect(lambda _v: self.apply_edge_threshold())
