@@ -21,6 +21,7 @@ from typing import Any
 
 from napari_sigmma.errors import SigmmaError
 from napari_sigmma.train.data import expand_data
+from napari_sigmma.train.logs import ProgressBars
 
 
 def _rank() -> int:
@@ -66,42 +67,11 @@ def build_train_config(args: argparse.Namespace) -> Any:
     return cfg.replace(**changes) if changes else cfg
 
 
-class _Printer:
+class _Printer(ProgressBars):
     """Console progress for the CLI (rank 0): tqdm bars on stderr for the crop-feature
-    pre-computation and the optimiser steps, one line per epoch (losses, recalls) on
-    stdout. Bars are off under ``--quiet`` (see :mod:`napari_sigmma.progress`)."""
-
-    def __init__(self) -> None:
-        self._steps: Any = None
-        self._features: Any = None
-
-    def on_features(self, done: int, total: int) -> None:
-        from napari_sigmma.progress import Bar
-
-        if self._features is None and _rank() == 0:
-            self._features = Bar("crop features", total, unit="tile")
-        if self._features is not None:
-            self._features(done, total)
-            if done >= total:
-                self._features.close()
-
-    def on_train_start(self, total_steps: int, done_steps: int) -> None:
-        from napari_sigmma.progress import Bar
-
-        if self._features is not None:
-            self._features.close()
-        if _rank() == 0:
-            self._steps = Bar("training", total_steps, unit="step")
-            self._steps(done_steps, total_steps)
-
-    def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
-        if self._steps is not None:
-            self._steps(step)
-
-    def close(self) -> None:
-        for b in (self._steps, self._features):
-            if b is not None:
-                b.close()
+    pre-computation and the optimiser steps (:class:`~napari_sigmma.train.logs.ProgressBars`),
+    one line per epoch (losses, recalls) on stdout. Bars are off under ``--quiet`` (see
+    :mod:`napari_sigmma.progress`)."""
 
     def on_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         msg = f"epoch {epoch}: train loss {metrics.get('train_loss', float('nan')):.4f}"

@@ -93,7 +93,8 @@ def train_variant(
     config in ``cfg.run_dir``); return its best checkpoint."""
     from napari_sigmma.train.checkpoint import resolve_checkpoint
     from napari_sigmma.train.config import TrainConfig
-    from napari_sigmma.train.loop import train
+    from napari_sigmma.train.logs import ProgressBars
+    from napari_sigmma.train.loop import callback_list, train
 
     run = Path(cfg.run_dir)
     best = run.is_dir() and resolve_checkpoint(run, names=("best.pt",), missing_ok=True)
@@ -110,7 +111,12 @@ def train_variant(
         )
     if (run / "checkpoints" / "last.pt").is_file():
         raise SigmmaError("the folder holds an unfinished run; delete it first", path=run)
-    res = train(cfg, split=split_path, callbacks=callbacks)
+    # a bar per trained variant on the command line (off in the library and the viewer)
+    bars = ProgressBars(f"training {run.name}")
+    try:
+        res = train(cfg, split=split_path, callbacks=[*callback_list(callbacks), bars])
+    finally:
+        bars.close()
     if res.status == "cancelled":
         raise SigmmaError("baseline training was cancelled", path=run)
     if not _same_split(run / "split.json", split_path):

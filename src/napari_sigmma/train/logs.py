@@ -127,3 +127,42 @@ class RunLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+class ProgressBars:
+    """Training callback that shows tqdm bars on stderr (when the command line turned bars
+    on, :mod:`napari_sigmma.progress`): the crop-feature pre-computation and the optimiser
+    steps, each labelled with ``label``. Rank 0 only; :meth:`close` ends both bars."""
+
+    def __init__(self, label: str = "training") -> None:
+        self.label = label
+        self._steps: Any = None
+        self._features: Any = None
+
+    def on_features(self, done: int, total: int) -> None:
+        from napari_sigmma.progress import Bar
+
+        if self._features is None and int(os.environ.get("RANK", "0")) == 0:
+            self._features = Bar(f"{self.label}: crop features", total, unit="tile")
+        if self._features is not None:
+            self._features(done, total)
+            if done >= total:
+                self._features.close()
+
+    def on_train_start(self, total_steps: int, done_steps: int) -> None:
+        from napari_sigmma.progress import Bar
+
+        if self._features is not None:
+            self._features.close()
+        if int(os.environ.get("RANK", "0")) == 0:
+            self._steps = Bar(self.label, total_steps, unit="step")
+            self._steps(done_steps, total_steps)
+
+    def on_step(self, step: int, epoch: int, loss: float, parts: dict[str, float]) -> None:
+        if self._steps is not None:
+            self._steps(step)
+
+    def close(self) -> None:
+        for b in (self._steps, self._features):
+            if b is not None:
+                b.close()

@@ -142,7 +142,9 @@ class TrainCallback:
 _CALLBACK_NAMES = ("on_train_start", "on_features", "on_step", "on_epoch", "on_checkpoint")
 
 
-def _callback_list(callbacks: Any) -> list[Any]:
+def callback_list(callbacks: Any) -> list[Any]:
+    """``train``'s ``callbacks`` (None, one object, a sequence, or a mapping of method
+    names to functions) as a list of callback objects."""
     if callbacks is None:
         return []
     if isinstance(callbacks, Mapping):
@@ -688,7 +690,7 @@ def train(
 
     t_start = time.perf_counter()
     files = _RunFiles(Path(cfg.run_dir))
-    cbs = _callback_list(callbacks)
+    cbs = callback_list(callbacks)
     dd = setup_distributed(cfg.device)
     lock = RunLock(files.run)
     session: _Session | None = None
