@@ -689,6 +689,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on the test tiles of its run's split; write the report.
 
+    One long function on purpose: load, split, embed, probe, retrieve, diagnose and write
+    in the order of the report; each step is a function of its own (``prepare_inputs``,
+    ``compute_metrics``, ``diagnostics_block``, ``write_report``).
+
     Parameters
     ----------
     data
