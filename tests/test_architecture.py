@@ -109,3 +109,30 @@ def test_one_zarr_slide_gets_one_cache_folder_in_live_view_and_retrieval(
     assert live_engine.disk is not None and retrieval_engine.disk is not None
     assert live_engine.disk.folder == retrieval_engine.disk.folder
     assert live_engine.paired.name == "slide one"
+
+
+def test_a_run_saved_before_the_method_changes_still_loads(tiny_trained_run, tmp_path) -> None:
+    """A checkpoint whose config predates the per-block G_micro and the fast mode's region
+    map (its dumps lack those keys) loads as the model it was trained as: the tile-wide
+    G_micro and the collapsed fast mode (with its warning)."""
+    import torch
+
+    from napari_sigmma.live.run import load_live_run
+    from napari_sigmma.train.checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(tiny_trained_run.run_dir)
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    cfg = dict(ckpt["config"])
+    cfg.pop("graph_micro_blocks")
+    model = dict(cfg["model"])
+    model.pop("fast_region_map")
+    model.pop("candidate_cap")
+    cfg["model"] = model
+    ckpt["config"] = cfg
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+
+    with pytest.warns(UserWarning, match="same input"):
+        run = load_live_run(old)
+    assert run.graph_settings.micro_blocks is False
+    assert load_live_run(src).graph_settings.micro_blocks is True

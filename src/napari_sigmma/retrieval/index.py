@@ -442,30 +442,17 @@ class EmbeddingIndex:
                 work = "train" if force else self._pending_work()
                 if work is None:
                     return False
-                x = self._matrix
-                n0 = x.shape[0]
+                n0 = self._matrix.shape[0]
                 if n0 == 0:
                     raise SigmmaError("cannot build an IVF over an empty retrieval index")
-                old_ivf, centroids = self._ivf, self._centroids
-                n_idx, row_lists, auto = self._n_indexed, self._row_lists, self._auto_nprobe
+                snapshot = self._build_snapshot(work)
             check_cancel(cancel)
             t0 = time.perf_counter()
-            if work == "train":
-                centroids, lists, auto = self._train(x, cancel)
-                ivf = _new_ivf(centroids)
-                _add_rows(ivf, x, 0, lists, cancel)
-                row_lists = lists.astype(np.int32)
-            else:  # same centroids: a copy of the index gets the tail
-                assert old_ivf is not None and centroids is not None
-                lists = _assign(x[n_idx:n0], centroids, cancel=cancel)
-                ivf = _faiss().clone_index(old_ivf)
-                _add_rows(ivf, x[n_idx:n0], n_idx, lists, cancel)
-                row_lists = np.concatenate([row_lists, lists.astype(np.int32)])
+            result = self._build_arrays(work, snapshot, cancel)
             check_cancel(cancel)
             seconds = time.perf_counter() - t0
-            with self._lock:  # rows added during the build stay in the tail
-                self._ivf, self._centroids, self._row_lists = ivf, centroids, row_lists
-                self._n_indexed = n0
+            with self._lock:
+                auto = self._build_install(n0, result)
                 if work == "train":
                     self._n_trained, self._auto_nprobe = n0, auto
                     self.build_seconds = seconds
@@ -480,6 +467,38 @@ class EmbeddingIndex:
             return True
         finally:
             self._build_lock.release()
+
+    # the three steps of a build (overridden by the numpy IVF of the bench)
+    def _build_snapshot(self, work: str) -> tuple[Any, ...]:
+        """What a build of ``work`` needs, taken under the lock (nothing is copied)."""
+        return (self._matrix, self._ivf, self._centroids, self._n_indexed, self._row_lists)
+
+    def _build_arrays(self, work: str, snapshot: tuple[Any, ...], cancel: CancelLike) -> Any:
+        """The build's work, without the lock: train (a new faiss index) or merge (a copy of
+        the installed one gets the tail). Returns what :meth:`_build_install` installs."""
+        x, old_ivf, centroids, n_idx, row_lists = snapshot
+        n0 = x.shape[0]
+        auto = 0  # calibrated at training only
+        if work == "train":
+            centroids, lists, auto = self._train(x, cancel)
+            ivf = _new_ivf(centroids)
+            _add_rows(ivf, x, 0, lists, cancel)
+            row_lists = lists.astype(np.int32)
+        else:  # same centroids: a copy of the index gets the tail
+            assert old_ivf is not None and centroids is not None
+            lists = _assign(x[n_idx:n0], centroids, cancel=cancel)
+            ivf = _faiss().clone_index(old_ivf)
+            _add_rows(ivf, x[n_idx:n0], n_idx, lists, cancel)
+            row_lists = np.concatenate([row_lists, lists.astype(np.int32)])
+        return ivf, centroids, row_lists, auto
+
+    def _build_install(self, n0: int, result: Any) -> int:
+        """Install a build's result over the first ``n0`` rows (caller holds the lock; rows
+        added during the build stay in the tail); returns the calibrated nprobe."""
+        ivf, centroids, row_lists, auto = result
+        self._ivf, self._centroids, self._row_lists = ivf, centroids, row_lists
+        self._n_indexed = n0
+        return int(auto)
 
     def ensure_built(self, cancel: CancelLike = None, *, wait: bool = True) -> bool:
         """Do now, in this thread, the IVF work a query would otherwise do: train the IVF
@@ -613,20 +632,25 @@ class EmbeddingIndex:
         with self._lock:
             self._absorb()
             arrays = {
-                "index_format": np.array(INDEX_FORMAT, np.int64),
                 "matrix": self._matrix,
                 "tile_ids": self._tile_ids,
                 "slide_ids": self._slide_ids,
                 "slide_names": np.array(self.slide_names, dtype=np.str_),
             }
-            if self._centroids is not None:
-                state = [self._n_indexed, self._n_trained, self._auto_nprobe]
-                arrays.update(
-                    ivf_centroids=self._centroids,
-                    ivf_row_lists=self._row_lists,
-                    ivf_state=np.array(state, np.int64),
-                )
+            arrays.update(self._ivf_arrays())
         return atomic_savez(path, arrays)
+
+    def _ivf_arrays(self) -> dict[str, np.ndarray]:
+        """The format mark and IVF arrays :meth:`save` writes (caller holds the lock)."""
+        arrays = {"index_format": np.array(INDEX_FORMAT, np.int64)}
+        if self._centroids is not None:
+            state = [self._n_indexed, self._n_trained, self._auto_nprobe]
+            arrays.update(
+                ivf_centroids=self._centroids,
+                ivf_row_lists=self._row_lists,
+                ivf_state=np.array(state, np.int64),
+            )
+        return arrays
 
     @classmethod
     def load(
@@ -657,41 +681,45 @@ class EmbeddingIndex:
                 if index._tile_ids.shape != (n,) or index._slide_ids.shape != (n,):
                     raise ValueError("tile_ids/slide_ids do not match the matrix")
                 if "ivf_centroids" in z.files and ivf_min_size is not None:
-                    cent = z["ivf_centroids"].astype(np.float32, copy=False)
-                    state = [int(v) for v in z["ivf_state"]]
-                    if "ivf_row_lists" in z.files:  # faiss IVF (format 2)
-                        lists = z["ivf_row_lists"].astype(np.int32, copy=False)
-                        n_idx, n_trained, auto = state
-                    else:  # the numpy IVF's format: rows sorted by list, then a tail
-                        off = z["ivf_offsets"].astype(np.int64, copy=False)
-                        tail = z["ivf_tail_lists"].astype(np.int32, copy=False)
-                        n_sorted, n_trained, auto = state
-                        if (
-                            off.ndim != 1
-                            or off.size != cent.shape[0] + 1
-                            or off[0] != 0
-                            or off[-1] != n_sorted
-                            or np.any(np.diff(off) < 0)
-                        ):
-                            raise ValueError("inconsistent IVF arrays")
-                        sizes = np.diff(off)
-                        lists = np.concatenate(
-                            [np.repeat(np.arange(sizes.size, dtype=np.int32), sizes), tail]
-                        )
-                        n_idx = n
-                    if (
-                        cent.ndim != 2
-                        or cent.shape[1] != matrix.shape[1]
-                        or lists.shape != (n_idx,)
-                        or not 0 < n_idx <= n
-                        or (lists.size and (lists.min() < 0 or lists.max() >= cent.shape[0]))
-                    ):
-                        raise ValueError("inconsistent IVF arrays")
-                    ivf = _new_ivf(cent)
-                    _add_rows(ivf, index._matrix[:n_idx], 0, lists)
-                    index._ivf, index._centroids, index._row_lists = ivf, cent, lists
-                    index._n_indexed, index._n_trained = n_idx, n_trained
-                    index._auto_nprobe = auto
+                    index._read_ivf(z)
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise SigmmaError(f"not a retrieval index ({err})", path=path) from err
         return index
+
+    def _read_ivf(self, z: Any) -> None:
+        """Install the IVF stored in the open ``.npz`` ``z`` (any format :meth:`load`
+        reads); raises ``ValueError``/``KeyError`` when its arrays are inconsistent."""
+        matrix, n = self._matrix, self._matrix.shape[0]
+        cent = z["ivf_centroids"].astype(np.float32, copy=False)
+        state = [int(v) for v in z["ivf_state"]]
+        if "ivf_row_lists" in z.files:  # faiss IVF (format 2)
+            lists = z["ivf_row_lists"].astype(np.int32, copy=False)
+            n_idx, n_trained, auto = state
+        else:  # the numpy IVF's format: rows sorted by list, then a tail
+            off = z["ivf_offsets"].astype(np.int64, copy=False)
+            tail = z["ivf_tail_lists"].astype(np.int32, copy=False)
+            n_sorted, n_trained, auto = state
+            if (
+                off.ndim != 1
+                or off.size != cent.shape[0] + 1
+                or off[0] != 0
+                or off[-1] != n_sorted
+                or np.any(np.diff(off) < 0)
+            ):
+                raise ValueError("inconsistent IVF arrays")
+            sizes = np.diff(off)
+            lists = np.concatenate([np.repeat(np.arange(sizes.size, dtype=np.int32), sizes), tail])
+            n_idx = n
+        if (
+            cent.ndim != 2
+            or cent.shape[1] != matrix.shape[1]
+            or lists.shape != (n_idx,)
+            or not 0 < n_idx <= n
+            or (lists.size and (lists.min() < 0 or lists.max() >= cent.shape[0]))
+        ):
+            raise ValueError("inconsistent IVF arrays")
+        ivf = _new_ivf(cent)
+        _add_rows(ivf, self._matrix[:n_idx], 0, lists)
+        self._ivf, self._centroids, self._row_lists = ivf, cent, lists
+        self._n_indexed, self._n_trained = n_idx, n_trained
+        self._auto_nprobe = auto
