@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_sigmma.device import to_device
 from napari_sigmma.errors import CancelLike, SigmmaError, is_cancelled
 from napari_sigmma.train.checkpoint import (
     CKPT_FORMAT,
@@ -477,6 +478,7 @@ class _Session:
                 batches,
                 num_workers=self.cfg.num_workers,
                 generator=loader_gen,
+                pin_memory=self.device.type == "cuda",
             )
         )
 
@@ -491,7 +493,7 @@ class _Session:
         w_loss, w_parts = 0.0, {}
         for j in range(len(window)):
             x, gb, _ = next(loader)
-            x, gb = x.to(self.device, non_blocking=True), gb.to(self.device)
+            x, gb = to_device(x, self.device), to_device(gb, self.device)
             no_sync = self.ddp is not None and j < len(window) - 1
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(self.device):
