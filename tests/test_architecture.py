@@ -57,6 +57,8 @@ def test_import_contract_holds() -> None:
         ("tiles/grid.py", "def _bad():\n    import napari  # noqa\n", "no napari or Qt"),
         # a sideways import between independent rooms
         ("retrieval/index.py", "from napari_sigmma.evaluation import probe  # noqa", "floors"),
+        # a circle inside a room (run imports results, results would import run)
+        ("evaluation/results.py", "from napari_sigmma.evaluation import run  # noqa", "circles"),
     ],
 )
 def test_import_contract_fails_on_a_breaking_import(tmp_path, module, line, contract) -> None:

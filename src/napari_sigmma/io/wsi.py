@@ -317,7 +317,12 @@ def open_slide(
     if (backend or slide_backend(p)) == "openslide":
         from napari_sigmma.io.wsi_openslide import open_openslide
 
-        return open_openslide(p, mpp)
+        levels, sources, mpp_read, vendor, mpp_source, handle = open_openslide(p, mpp)
+        try:
+            return _make_slide(p, levels, sources, mpp_read, vendor, mpp_source, handle)
+        except BaseException:
+            handle.close()
+            raise
     try:
         tif = tifffile.TiffFile(p)
     except Exception as err:
@@ -399,7 +404,21 @@ def _open_tiff(tif: Any, path: Path, mpp: float | None) -> Slide:
         levels.append(_to_rgb(lazy[index], kept, path))
         sources.append((arr, axes))
 
-    # no pyramid (or one that stops early): continue it lazily with 2x2 means
+    return _make_slide(path, levels, sources, mpp, vendor, source_name, tif)
+
+
+def _make_slide(
+    path: Path,
+    levels: list[Any],
+    sources: list[Any],
+    mpp: float,
+    vendor: str,
+    mpp_source: str,
+    handle: Any,
+) -> Slide:
+    """The :class:`Slide` of a backend's stored levels (and their direct-read sources), with
+    the pyramid continued lazily by 2x2 means where it stops early or is missing."""
+    levels, sources = list(levels), list(sources)
     computed = 0
     while max(levels[-1].shape[:2]) > _PYRAMID_MIN_SIDE:
         levels.append(_half(levels[-1]))
@@ -410,10 +429,10 @@ def _open_tiff(tif: Any, path: Path, mpp: float | None) -> Slide:
         levels=levels,
         mpp=float(mpp),
         vendor=vendor,
-        mpp_source=source_name,
+        mpp_source=mpp_source,
         computed_levels=computed,
         _sources=sources,
-        _tif=tif,
+        _tif=handle,
     )
 
 

@@ -72,8 +72,11 @@ def _bounds(s: Any, n: int) -> tuple[int, int]:
     return k, k + 1
 
 
-def open_openslide(path: Path, mpp: float | None) -> Any:
-    """Open ``path`` with OpenSlide as a :class:`~napari_sigmma.io.wsi.Slide` (lazy).
+def open_openslide(path: Path, mpp: float | None) -> tuple[Any, ...]:
+    """Open ``path`` with OpenSlide, lazily: ``(levels, sources, mpp, vendor, mpp_source,
+    handle)``, the stored levels as dask arrays and their direct-read sources, from which
+    :func:`napari_sigmma.io.wsi.open_slide` makes the :class:`~napari_sigmma.io.wsi.Slide`
+    (this module does not import that one: ``open_slide`` dispatches here).
 
     Raises
     ------
@@ -82,8 +85,6 @@ def open_openslide(path: Path, mpp: float | None) -> Any:
     """
     import dask.array as da
     import openslide
-
-    from napari_sigmma.io.wsi import _PYRAMID_MIN_SIDE, Slide, _half
 
     try:
         handle = openslide.OpenSlide(str(path))
@@ -115,21 +116,7 @@ def open_openslide(path: Path, mpp: float | None) -> Any:
             chunks = (min(CHUNK, arr.shape[0]), min(CHUNK, arr.shape[1]), 3)
             levels.append(da.from_array(arr, chunks=chunks, asarray=False, fancy=False))
             sources.append((arr, "YXS"))
-        computed = 0
-        while max(levels[-1].shape[:2]) > _PYRAMID_MIN_SIDE:
-            levels.append(_half(levels[-1]))
-            sources.append(None)
-            computed += 1
-        return Slide(
-            path=path,
-            levels=levels,
-            mpp=float(mpp),
-            vendor=vendor,
-            mpp_source=source,
-            computed_levels=computed,
-            _sources=sources,
-            _tif=handle,
-        )
+        return levels, sources, float(mpp), vendor, source, handle
     except BaseException:
         handle.close()
         raise
