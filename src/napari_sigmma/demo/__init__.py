@@ -1,1 +1,3 @@
-"""demo."""
+"""The demo model (trained once, cached) and `napari-sigmma demo` (napari on the embedded
+sample with the plugin's widgets, or headless screenshots).
+"""

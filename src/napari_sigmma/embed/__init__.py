@@ -1,1 +1,3 @@
-"""embed."""
+"""A trained model over whole slides: the per-tile result type, embedding in memory,
+streamed to a SpatialData `.zarr`, and a folder of slides on dask.
+"""
