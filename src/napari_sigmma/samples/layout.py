@@ -266,7 +266,6 @@ def write_layout_benchmark(
     progress
         Optional callable receiving short progress messages.
     """
-    from napari_sigmma.io.xenium_format import xenium_cell_ids
     from napari_sigmma.samples.tiffwrite import write_pyramidal_ome_tiff
     from napari_sigmma.samples.xenium_write import write_xenium_bundle
 
@@ -288,24 +287,10 @@ def write_layout_benchmark(
         return (px @ a[:2, :2].T + a[:2, 2]) * pixel_size
 
     n = len(cs)
-    k = geo.nucleus_rings.shape[1]
     cell_xy = to_xenium(geo.cell_centroid)
     say(f"simulating expression of {n} cells")
     counts, features, _ = simulate_layout_expression(cs.type, seed)
-    ids = np.asarray(xenium_cell_ids(n))
-    type_names = np.asarray(syn.CELL_TYPES)[cs.type]
-    table = pd.DataFrame(
-        {
-            "cell_id": ids,
-            "x_centroid": cell_xy[:, 0],
-            "y_centroid": cell_xy[:, 1],
-            "cell_area": geo.cell_area,
-            "nucleus_area": geo.nucleus_area,
-            "cell_type": type_names,
-        }
-    )
-    nuc_um = to_xenium(geo.nucleus_rings.reshape(-1, 2)).reshape(n, k, 2)
-    cell_um = to_xenium(geo.cell_rings.reshape(-1, 2)).reshape(n, k, 2)
+    table, nuc_um, cell_um = syn.xenium_cells(cs, geo, cell_xy, to_xenium)
     out.mkdir(parents=True, exist_ok=True)
     he_path = out / "he_image.ome.tif"
     rows = math.ceil(size / syn.FAST_TILE)

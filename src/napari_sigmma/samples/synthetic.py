@@ -1418,6 +1418,30 @@ class _RenderAhead:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def xenium_cells(
+    cs: CellSet, geo: Any, cell_xy: np.ndarray, to_xenium: Callable[[np.ndarray], np.ndarray]
+) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """The cells table of placed cells (Xenium ids, centroids ``cell_xy`` in Xenium µm, areas,
+    ground-truth type) and their nucleus and cell rings mapped by ``to_xenium``, ``(n, k, 2)``
+    each: what a bundle writer takes, shared by the synthetic and layout generators."""
+    from napari_sigmma.io.xenium_format import xenium_cell_ids
+
+    n, k = len(cs), geo.nucleus_rings.shape[1]
+    table = pd.DataFrame(
+        {
+            "cell_id": np.asarray(xenium_cell_ids(n)),
+            "x_centroid": cell_xy[:, 0],
+            "y_centroid": cell_xy[:, 1],
+            "cell_area": geo.cell_area,
+            "nucleus_area": geo.nucleus_area,
+            "cell_type": np.asarray(CELL_TYPES)[cs.type],
+        }
+    )
+    nuc_um = to_xenium(geo.nucleus_rings.reshape(-1, 2)).reshape(n, k, 2)
+    cell_um = to_xenium(geo.cell_rings.reshape(-1, 2)).reshape(n, k, 2)
+    return table, nuc_um, cell_um
+
+
 def write_synthetic_sample(
     out: str | os.PathLike[str],
     *,
@@ -1478,7 +1502,6 @@ def write_synthetic_sample(
     -------
     The bundle folder.
     """
-    from napari_sigmma.io.xenium_format import xenium_cell_ids
     from napari_sigmma.samples.xenium_write import write_xenium_bundle
 
     say = progress or (lambda _msg: None)
@@ -1514,25 +1537,12 @@ def write_synthetic_sample(
         return (px @ a[:2, :2].T + a[:2, 2]) * pixel_size
 
     n = len(cs)
-    k = geo.nucleus_rings.shape[1]
     cell_xy = to_xenium(geo.cell_centroid)
     say(f"simulating expression of {n} cells")
     rng = np.random.default_rng([seed, 1])
     counts, features = simulate_expression(cs, cell_xy, geo.cell_area, side, rng)
-    ids = np.asarray(xenium_cell_ids(n))
-    type_names = np.asarray(CELL_TYPES)[cs.type]
-    table = pd.DataFrame(
-        {
-            "cell_id": ids,
-            "x_centroid": cell_xy[:, 0],
-            "y_centroid": cell_xy[:, 1],
-            "cell_area": geo.cell_area,
-            "nucleus_area": geo.nucleus_area,
-            "cell_type": type_names,
-        }
-    )
-    nuc_um = to_xenium(geo.nucleus_rings.reshape(-1, 2)).reshape(n, k, 2)
-    cell_um = to_xenium(geo.cell_rings.reshape(-1, 2)).reshape(n, k, 2)
+    table, nuc_um, cell_um = xenium_cells(cs, geo, cell_xy, to_xenium)
+    ids = table["cell_id"].to_numpy()
 
     out.mkdir(parents=True, exist_ok=True)
     he_path = out / "he_image.ome.tif"
