@@ -101,7 +101,20 @@ def test_collinear_and_duplicate_points_still_get_a_graph():
     assert ei.shape[1] > 0 and _is_symmetric(ei)
     dup = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]])
     ei = tile_graph(dup)
-    assert ei.shape[0] == 2
+    assert ei.shape[0] == 2 and set(ei.ravel()) == {0, 1, 2}  # nobody left alone
+    # a duplicated row in an otherwise normal tile: qhull keeps one of each coincident pair,
+    # so the copy must get its twin and its twin's neighbours, not be isolated
+    rng = np.random.default_rng(3)
+    xy = rng.random((30, 2))
+    with_copy = np.vstack([xy, xy[[4, 17]]])  # cells 30 and 31 copy cells 4 and 17
+    ei = tile_graph(with_copy)
+    assert _is_symmetric(ei)
+    nbrs = {i: set(ei[1][ei[0] == i].tolist()) for i in range(32)}
+    assert all(nbrs[i] for i in range(32))
+    base = tile_graph(xy)
+    for copy, twin in ((30, 4), (31, 17)):
+        assert twin in nbrs[copy]
+        assert nbrs[copy] - {twin} == set(base[1][base[0] == twin].tolist())
 
 
 def test_tiles_with_few_cells_are_flagged_not_dropped():

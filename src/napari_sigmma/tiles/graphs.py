@@ -98,6 +98,12 @@ def tile_graph(
     if n < 2:
         return np.zeros((2, 0), dtype=np.int64)
     if method == "delaunay":
+        uniq, first, inv = np.unique(xy, axis=0, return_index=True, return_inverse=True)
+        if len(uniq) < n:
+            # Coincident cells (e.g. a duplicated row of a cell table): qhull would drop all
+            # but one of them, leaving the others isolated. Triangulate the distinct points
+            # and give every copy its twin and its twin's neighbours.
+            return _with_copies(tile_graph(uniq, k=k), first, inv.ravel(), xy, max_dist)
         if n == 2:
             pairs = np.array([[0, 1]])
         else:
@@ -193,6 +199,33 @@ def isolated_fraction(cells: list[TileCells]) -> float:
         n += c.n_cells
         iso += int((deg == 0).sum())
     return iso / max(n, 1)
+
+
+def _with_copies(
+    ei_unique: np.ndarray,
+    first: np.ndarray,
+    inv: np.ndarray,
+    xy: np.ndarray,
+    max_dist: float | None,
+) -> np.ndarray:
+    """Edges of all points from the graph of their distinct positions (see ``tile_graph``)."""
+    n = len(inv)
+    rep = first[inv]  # each point's twin that stands for its position
+    # every point joins the representative of each position adjacent to its own position
+    src, dst = ei_unique
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv, minlength=len(first))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    members = [order[starts[g] : starts[g] + counts[g]] for g in src]
+    pairs = [
+        np.stack([m, np.full(len(m), first[d])], axis=1) for m, d in zip(members, dst, strict=True)
+    ]
+    pairs.append(np.stack([np.arange(n), rep], axis=1))  # and its own twins
+    ei = _symmetric(np.concatenate(pairs, axis=0), n)
+    if max_dist is not None and ei.shape[1]:
+        d = np.linalg.norm(xy[ei[0]] - xy[ei[1]], axis=1)
+        ei = ei[:, d <= max_dist]
+    return ei
 
 
 def _delaunay_simplices(xy: np.ndarray) -> np.ndarray | None:
