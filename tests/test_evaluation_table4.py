@@ -193,6 +193,20 @@ def test_evaluate_baselines_table4_on_the_layout_benchmark(layout_bundle, tmp_pa
             assert ci["lo"] <= ci["gap"] <= ci["hi"]
             assert "group_he_to_st" in e["gap_to_full"]
     assert {"no_graph", "single_scale"} <= set(t4["leave_one_out"])
+    # each trained row is the model its marks say: without the cell graph the ST side is the
+    # gene-vector MLP (no graph encoder); without sparsification no edge scorer weights
+    from napari_sigmma.models.graph import GeneVectorEncoder, HierarchicalGraphEncoder
+    from napari_sigmma.train.checkpoint import model_from_checkpoint
+
+    loo = t4["leave_one_out"]
+    for name in ("row1", "row2", "row3", "row4", "no_graph"):
+        entry = t4["rows"].get(name) or loo[name]
+        graph, _, sparsify = entry["marks"].values()
+        model, _ = model_from_checkpoint(Path(entry["runs"][0]) / "checkpoints" / "best.pt")
+        kind = HierarchicalGraphEncoder if graph else GeneVectorEncoder
+        assert isinstance(model.graph, kind), (name, type(model.graph))
+        assert any("scorer" in k for k in model.state_dict()) == sparsify, name
+        assert len(model.cfg.scales) == (3 if entry["marks"]["multi_scale"] else 1), name
     full_ctl = t4["rows"]["row4"]["controls"]
     assert {"normal", "shuffled", "no_added_edges", "all_candidates", "random_candidates"} <= set(
         full_ctl

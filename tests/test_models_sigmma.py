@@ -146,6 +146,22 @@ def test_ablations_build_and_run():
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     m = _model(use_graph=False, scales=("macro",), learn_temperature=False)
     assert not isinstance(m.logit_scale, torch.nn.Parameter)
+    # the graph encoder is replaced, not bypassed: the ST side reads the gene vector only
+    from napari_sigmma.models.graph import GeneVectorEncoder, HierarchicalGraphEncoder
+
+    assert isinstance(m.graph, GeneVectorEncoder)
+    assert not any(isinstance(mod, HierarchicalGraphEncoder) for mod in m.modules())
+    m.eval()
+    with torch.no_grad():
+        st = m.encode_graph(batch).emb["macro"]
+        moved = batch.clone()
+        moved.x = torch.randn_like(moved.x)
+        moved.pos = torch.rand_like(moved.pos) * 0.999
+        moved.edge_index = moved.edge_index[:, :0]
+        torch.testing.assert_close(m.encode_graph(moved).emb["macro"], st)
+        moved.genevec = moved.genevec.flip(0)
+        assert not torch.allclose(m.encode_graph(moved).emb["macro"], st)
+    m.train()
     out = m(images, batch)
     assert list(out["parts"]) == ["macro"]
     out["loss"].backward()

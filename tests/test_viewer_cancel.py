@@ -5,8 +5,10 @@ this module through the real trainer), is cancelled mid-way, and must end early:
 chunks done than there were, nothing half-written or added, no thread left (Python threads
 and Qt's thread pool back to their baseline), no child process left (the dask cluster of
 ``napari-sigmma embed`` over a folder), and the viewer still usable. Training cancel is
-covered in test_viewer_training.py / test_train_trainer.py. No latency is asserted here:
-``napari-sigmma bench --cancel`` measures it.
+covered in test_viewer_training.py / test_train_trainer.py. The README's cancel target
+(≤ 1 s from cancel to the task's thread gone) is asserted for embed, retrieve and train
+with the bench's own measure (``bench.cancel.time_cancel``); ``napari-sigmma bench --cancel``
+prints the full table (widgets and the dask cluster included).
 
 The malicious checkpoint is a pickle whose ``__reduce__`` would create a marker file; it is
 handed to the dock's ``set_checkpoint`` (what "Load checkpoint…" calls) in a real viewer with
@@ -217,6 +219,69 @@ def test_embed_tiles_cancel_in_a_thread(trained, tmp_path) -> None:
     new = _threads() - base
     left = [t.name for t in threading.enumerate() if t.ident in new]
     assert not left, left
+
+
+def test_cancel_latency_meets_the_readme_target(trained, tmp_path) -> None:
+    """Cancel → thread gone within ``TARGET_S`` (1 s) for each API task the widgets run, on
+    the embedded sample with a real trained model; each task cancelled mid-way."""
+    from napari_sigmma.bench.cancel import TARGET_S, time_cancel
+    from napari_sigmma.embed.memory import embed_tiles
+    from napari_sigmma.io import load_any
+    from napari_sigmma.train.loop import train
+
+    engine, _ = _engine(trained, tmp_path, batch_size=2)
+    n = len(engine.grid)
+
+    def load(cancel, started):
+        def check() -> bool:
+            started.set()
+            return cancel.is_set()
+
+        return load_any(trained.path, cancel=check)
+
+    def embed(cancel, started):
+        emb = embed_tiles(
+            engine.model, engine.paired, engine.grid, featurizer=engine.featurizer,
+            settings=engine.graph_settings, batch_size=2, device="cpu", cancel=cancel,
+            progress=lambda done, total: started.set(),
+        )  # fmt: skip
+        return len(emb.indices)
+
+    def retrieve(cancel, started):
+        done = 0
+        for batch in engine.encode(list(engine.grid.tile_ids), cancel):
+            done += len(batch)
+            started.set()
+        return done
+
+    def train_task(cancel, started):
+        class OnStep:
+            def on_step(self, *a) -> None:
+                started.set()
+
+        cfg = tiny_cfg(trained.path, tmp_path / "run", tmp_path / "features", epochs=3,
+                       batch_size=8, grad_accum=1, split_fractions=(1.0, 0.0, 0.0))  # fmt: skip
+        return train(cfg, callbacks=[OnStep()], cancel=cancel).status
+
+    report = {}
+    for name, task in (("load", load), ("embed", embed), ("retrieve", retrieve),
+                       ("train", train_task)):  # fmt: skip
+        r = time_cancel(task, timeout=300)
+        report[name] = r
+        print(f"{name}: {r['latency_s'] * 1000:.0f} ms ({r['outcome']}, {r['result']})")
+        assert r["thread_gone"] and not r["outcome"].startswith("error"), (name, r)
+    assert report["embed"]["result"] < n and report["retrieve"]["result"] < n  # mid-way
+    assert report["train"]["result"] == "cancelled"
+    # the load is one reader call (spatialdata-io's) that cannot be interrupted: its cancel
+    # lands when that call returns, so its latency is the read's remaining time (≈ 0.2–0.6 s
+    # on the embedded sample here) and is reported by the bench, not held to the target
+    assert report["load"]["outcome"] == "cancelled"
+    slow = {
+        k: round(v["latency_s"], 3)
+        for k, v in report.items()
+        if k != "load" and v["latency_s"] > TARGET_S
+    }
+    assert not slow, f"cancel slower than the README's {TARGET_S} s target: {slow}"
 
 
 def test_embed_folder_on_dask_cancels_and_leaves_no_process(trained, tmp_path) -> None:

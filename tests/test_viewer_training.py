@@ -100,9 +100,25 @@ def test_close_asks_while_training(viewer_with_sample, qtbot, tmp_path: Path) ->
     widget.device.setCurrentText("cpu")
     widget.start()
     qtbot.waitUntil(lambda: widget.running, timeout=10_000)
+    window = widget.window()  # the napari main window holding the dock
+    window.show()  # a shown window (Xvfb), so closing it is visible
+    qtbot.waitUntil(window.isVisible, timeout=10_000)
     widget.close_answer = False  # the user says "no, keep training"
-    widget.window().close()  # the napari main window holding the dock
-    assert widget.running
-    widget.close_answer = True  # now "yes": training stops with a checkpoint
-    widget.cancel(wait=True, timeout=300)
+    window.close()
+    assert widget.running and window.isVisible()
+    # let it reach an optimiser step, so "yes" has real progress to keep
+    qtbot.waitUntil(lambda: bool(widget.losses), timeout=300_000)
+    widget.close_answer = True  # now "yes": training stops with a checkpoint, window closes
+    window.close()
     assert not widget.running
+    assert not window.isVisible()
+    # closed for real, as by the user; napari's Window.close() (the fixture's teardown)
+    # skips a window whose _qt_window is gone, as after its own close
+    del viewer.window._qt_window
+    import torch
+
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    assert last.is_file()
+    ck = torch.load(last, map_location="cpu", weights_only=True)
+    assert ck["global_step"] >= 1 and ck["epoch"] < 50  # stopped early, progress kept
+    assert widget.result is not None and widget.result.status == "cancelled"
