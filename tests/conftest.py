@@ -242,3 +242,57 @@ def synthetic_medium(sigmma_cache: Path) -> Path:
     if not (out / "experiment.xenium").is_file():
         write_synthetic_sample(out, size=2560, seed=0)
     return out
+
+
+# ------------------------------------------------------------------- a real, small, full disk
+def _can_mount() -> bool:
+    """Root (or root of a private user namespace) can mount a tmpfs. ``SIGMMA_TEST_NONROOT``
+    makes a root run take the non-root path, to check that path."""
+    return os.geteuid() == 0 and not os.environ.get("SIGMMA_TEST_NONROOT")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Tests that take ``small_tmpfs`` need to mount a filesystem. Without root, run the test
+    again as root of a private user and mount namespace (``unshare -rm``, no privilege
+    needed) and take its result: the disk-full tests run everywhere, never skip."""
+    if "small_tmpfs" not in pyfuncitem.fixturenames or _can_mount():
+        return None
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SIGMMA_TEST_NONROOT"}
+    res = subprocess.run(
+        ["unshare", "-rm", sys.executable, "-m", "pytest", "-q", pyfuncitem.nodeid],
+        cwd=pyfuncitem.config.rootpath,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    tail = (res.stdout + res.stderr)[-4000:]
+    assert res.returncode == 0, f"in a private user+mount namespace:\n{tail}"
+    assert " passed" in res.stdout, tail
+    return True
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Mount a real tmpfs of a given size (KiB) under ``tmp_path``; unmounted after the test.
+    Without root the test runs in a private namespace instead (``pytest_pyfunc_call``)."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size_kib: int) -> Path:
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        cmd = ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, f"cannot mount a tmpfs: {res.stderr.strip()}"
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -128,29 +127,6 @@ def test_output_folder_below_a_file_fails_before_data_preparation(
     assert str(blocker / "run") in str(err.value)
     assert time.perf_counter() - t0 < 5.0  # refused before reading and tiling the slide
     assert blocker.read_text() == "a file, not a folder"
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Mount a tmpfs (size set by the test through the returned function); unmounted after."""
-    mounted: list[Path] = []
-
-    def mount(size_kib: int) -> Path:
-        where = tmp_path / f"tmpfs{len(mounted)}"
-        where.mkdir()
-        res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(

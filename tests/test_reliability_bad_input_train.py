@@ -71,29 +71,6 @@ def _bundle_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """Mount a real tmpfs of a given size (KiB); unmounted after the test."""
-    mounted: list[Path] = []
-
-    def mount(size_kib: int) -> Path:
-        where = tmp_path / f"tmpfs{len(mounted)}"
-        where.mkdir()
-        res = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)],
-            capture_output=True,
-            text=True,
-        )
-        if res.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 # ----------------------------------------------------------------------------- one folder, two runs
 
 
