@@ -278,7 +278,7 @@ def test_explore_changes_layers_without_encoding(make_napari_viewer, qtbot, trai
     meso.visible = True
     ctl.refresh(immediate=True)
     qtbot.waitUntil(lambda: not ctl.busy, timeout=30_000)
-    qtbot.wait(200)  # deliver the last posted batch to the main thread
+    qtbot.waitUntil(lambda: bool((np.asarray(meso.edge_color)[:, 3] > 0).any()), timeout=10_000)
     alpha0 = np.asarray(meso.edge_color)[:, 3].copy()
     drawn = alpha0 > 0
     assert drawn.any()
