@@ -87,3 +87,48 @@ def test_bad_bundle_slide_and_checkpoint(
 
     code, out = _check(tmp_path / "absent", capsys)
     assert code == 2 and "not found" in out
+
+
+def test_check_dock_says_what_the_cli_says(
+    make_napari_viewer, qtbot, synthetic_small: Path, tmp_path: Path, capsys
+) -> None:
+    """The "SIGMMA check" dock runs the same check in a worker: the same findings as the
+    CLI, each problem an error notification naming the file, the viewer still usable."""
+    pytest.importorskip("napari")
+    from napari.utils.notifications import notification_manager
+
+    ps = shutil.copytree(synthetic_small, tmp_path / "ps")
+    exp = ps / "experiment.xenium"
+    spec = json.loads(exp.read_text())
+    spec["pixel_size"] = 1e6
+    exp.write_text(json.dumps(spec))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 2.5\nmodel:\n  embed_dim: -3\n")
+
+    viewer = make_napari_viewer()
+    viewer.open(str(synthetic_small), plugin="napari-sigmma")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA check")
+    assert widget.path.text() == str(synthetic_small)  # starts at the open data
+
+    widget.check()  # the open data: clean
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    assert widget.findings == [] and widget.verdict.text().endswith("OK")
+
+    for bad in (ps, cfg):
+        before = len(notification_manager.records)
+        widget.check(str(bad))
+        qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+        capsys.readouterr()  # napari echoes its notifications to stdout: not the CLI's
+        code, out = _check(bad, capsys)
+        assert code == 2
+        assert widget.report.toPlainText().strip() == out.strip().rsplit("\n", 1)[0].strip()
+        problems = [f for f in widget.findings if not f.note]
+        assert problems and widget.verdict.text().endswith(f"{len(problems)} problem(s)")
+        said = [str(n.message) for n in notification_manager.records[before:]]
+        for f in problems:
+            line = f"napari-sigmma check: {f.path}: {f.problem}"
+            assert line in said and "\n" not in line, said
+    # the viewer goes on: the data layers are there and another layer can be added
+    n = len(viewer.layers)
+    viewer.add_points([[0.0, 0.0]], name="after-check")
+    assert len(viewer.layers) == n + 1
