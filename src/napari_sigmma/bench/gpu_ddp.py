@@ -8,9 +8,9 @@ synthetic slide in memory and calls the trainer's public ``train(cfg, ...)`` twi
 cancelled after a few optimiser steps (it writes ``checkpoints/last.pt``), then
 ``resume=True`` to the end. Rank 0 writes a JSON report.
 
-The trainer reads slides from files through SpatialData; here the slides come from memory,
-handed to the trainer by replacing its ``load_slides`` for the duration (the one place
-the trainer reads data paths), so nothing outside the stock GPU image is needed.
+The trainer reads slides from files through SpatialData; here the slides come from memory
+through its ``slides=`` argument (``cfg.data`` only names them), so nothing outside the
+stock GPU image is needed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,33 +39,6 @@ def _train_fn() -> Any:
     from napari_sigmma.train.loop import train
 
     return train
-
-
-@contextlib.contextmanager
-def _slides_from_memory(train: Any, slides: list[Any]) -> Iterator[None]:
-    """Make the trainer's ``load_slides`` return fresh holders of ``slides``."""
-    import importlib
-
-    from napari_sigmma.tiles.dataset import SlideTiles
-
-    def load_slides(cfg: Any, *, cancel: Any = None, reuse: bool = True) -> list[Any]:
-        return [
-            SlideTiles(paired=s.paired, grid=s.grid, cells=s.cells, settings=s.settings)
-            for s in slides
-        ]
-
-    mods = {sys.modules[train.__module__]}
-    for name in ("napari_sigmma.train.data", "napari_sigmma.train.loop"):
-        with contextlib.suppress(ImportError):
-            mods.add(importlib.import_module(name))
-    saved = [(m, m.load_slides) for m in mods if hasattr(m, "load_slides")]
-    try:
-        for m, _ in saved:
-            m.load_slides = load_slides
-        yield
-    finally:
-        for m, old in saved:
-            m.load_slides = old
 
 
 def _rank_main(args: argparse.Namespace) -> int:
@@ -131,30 +103,29 @@ def _rank_main(args: argparse.Namespace) -> int:
         def cancel() -> bool:
             return len(steps_done) >= stop_at
 
-        with _slides_from_memory(train, [st]):
-            r1 = train(cfg, callbacks={"on_step": on_step}, cancel=cancel)
-            ckpt = Path(cfg.run_dir) / "checkpoints" / "last.pt"
-            report["first"] = {
-                "status": r1.status,
-                "global_step": int(r1.global_step),
-                "checkpoint_written": ckpt.is_file(),
-            }
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-            report["checkpoint"] = {
-                "global_step": int(saved.get("global_step", -1)),
-                "steps_per_epoch": int(saved.get("steps_per_epoch") or args.steps),
-                "world_size": int(saved.get("world_size", 0)),
-                "bytes": ckpt.stat().st_size,
-            }
-            t_resume = time.perf_counter()
-            r2 = train(cfg, callbacks={"on_step": on_step}, resume=True)
-            report["resume"] = {
-                "status": r2.status,
-                "global_step": int(r2.global_step),
-                "epoch": int(r2.epoch),
-                "seconds": time.perf_counter() - t_resume,
-                "last_losses": [float(v) for v in r2.step_losses[-3:]],
-            }
+        r1 = train(cfg, callbacks={"on_step": on_step}, cancel=cancel, slides=[st])
+        ckpt = Path(cfg.run_dir) / "checkpoints" / "last.pt"
+        report["first"] = {
+            "status": r1.status,
+            "global_step": int(r1.global_step),
+            "checkpoint_written": ckpt.is_file(),
+        }
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        report["checkpoint"] = {
+            "global_step": int(saved.get("global_step", -1)),
+            "steps_per_epoch": int(saved.get("steps_per_epoch") or args.steps),
+            "world_size": int(saved.get("world_size", 0)),
+            "bytes": ckpt.stat().st_size,
+        }
+        t_resume = time.perf_counter()
+        r2 = train(cfg, callbacks={"on_step": on_step}, resume=True, slides=[st])
+        report["resume"] = {
+            "status": r2.status,
+            "global_step": int(r2.global_step),
+            "epoch": int(r2.epoch),
+            "seconds": time.perf_counter() - t_resume,
+            "last_losses": [float(v) for v in r2.step_losses[-3:]],
+        }
         losses = np.asarray(r2.step_losses, dtype=np.float64)
         expected = cfg.epochs * report["checkpoint"]["steps_per_epoch"]
         report["checks"] = {

@@ -67,6 +67,7 @@ from napari_sigmma.train.logs import RunLog, trim_metrics
 from napari_sigmma.train.validation import BestSelector, evaluate_retrieval
 
 if TYPE_CHECKING:
+    from napari_sigmma.tiles.dataset import SlideTiles
     from napari_sigmma.train.config import TrainConfig
 
 
@@ -269,13 +270,27 @@ def _prepare_data(
     ckpt: dict | None,
     split: str | os.PathLike[str] | None,
     cancel: CancelLike,
+    given: Sequence[SlideTiles] | None = None,
 ) -> RunData | None:
-    """Every rank reads its slides; rank 0 makes (or reads) the split and fits the node
-    features and writes them with the config; the other ranks read what it wrote."""
+    """Every rank reads its slides (or takes fresh holders of ``given``); rank 0 makes (or
+    reads) the split and fits the node features and writes them with the config; the other
+    ranks read what it wrote."""
+    from napari_sigmma.tiles.dataset import SlideTiles
     from napari_sigmma.tiles.features import NodeFeaturizer
 
     saved_feat = NodeFeaturizer.from_arrays(ckpt["features"]) if ckpt is not None else None
-    slides = load_slides(cfg, cancel=cancel)
+    if given is not None:
+        if len(given) != len(cfg.data):
+            raise SigmmaError(
+                f"{len(given)} prepared slides for {len(cfg.data)} names in the config's data"
+            )
+        # fresh holders: the trainer fills their image / feature caches
+        slides = [
+            SlideTiles(paired=s.paired, grid=s.grid, cells=s.cells, settings=s.settings)
+            for s in given
+        ]
+    else:
+        slides = load_slides(cfg, cancel=cancel)
     data = None
     if dd.main:
         with disk_errors(files.run / "config.yaml", "the run folder"):
@@ -661,6 +676,7 @@ def train(
     cancel: CancelLike = None,
     resume: bool = False,
     split: str | os.PathLike[str] | None = None,
+    slides: Sequence[SlideTiles] | None = None,
 ) -> RunResult:
     """Train (or fine-tune) SIGMMA as configured, in ``cfg.run_dir``.
 
@@ -679,6 +695,10 @@ def train(
     split
         A ``split.json`` to use instead of making one (baselines and ablations trained on
         exactly the split of another run); it is copied into the run folder.
+    slides
+        Prepared slides (:class:`~napari_sigmma.tiles.dataset.SlideTiles`, e.g. built in
+        memory by ``bench --gpu``) instead of reading ``cfg.data``, which then only names
+        them (one name each).
 
     Returns
     -------
@@ -706,7 +726,7 @@ def train(
         dd.barrier()
 
         seed_everything(cfg.seed)
-        data = _prepare_data(cfg, files, dd, ckpt=ckpt, split=split, cancel=cancel)
+        data = _prepare_data(cfg, files, dd, ckpt=ckpt, split=split, cancel=cancel, given=slides)
         if data is None:
             return RunResult("cancelled", files.run, 0, 0, seconds=time.perf_counter() - t_start)
 
