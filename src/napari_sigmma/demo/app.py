@@ -8,11 +8,18 @@ screen), one screenshot per overlay kind is written there, and the program exits
 screenshots are of the whole window: the legend panel (cell types, each scale's clusters
 with what they are made of, the colour scales) is docked beside the canvas, and the
 continuous layers (gene maps, attention) show their colourbars.
+
+The gene-map screenshot shows the measured and the predicted map side by side on one colour
+scale: each map's 1st–99th percentile range, joined (at most 1 % of either map is clipped
+at either end), with the measured expression normalised as the gene head's targets are
+(each cell scaled over all the head's genes). Two more show the cells and tiles coloured by
+a table column (``cell_type``: a categorical legend) and by the mapped gene (a colourbar).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +31,32 @@ OVERLAY_SHOTS = {
     "04_attention_heads.png": ("attention",),
     "05_gene_maps.png": ("gene_predicted", "gene_measured"),
 }
+
+
+#: the legend sections each screenshot opens (the others are collapsed to their titles)
+LEGEND_FOCUS = {
+    "02_clusters.png": ("micro clusters", "meso clusters"),
+    "03_learned_edges.png": ("colour scales",),
+    "04_attention_heads.png": ("colour scales",),
+    "05_gene_maps.png": ("colour scales",),
+    "08_cells_by_cell_type.png": ("cells & tiles by",),
+    "09_cells_by_gene.png": ("colour scales",),
+}
+
+
+def _front(widget: Any) -> None:
+    """Bring a docked widget's tab to the front."""
+    widget.parent().raise_()
+    _process_events(0.2)
+
+
+def _focus_legend(legend: Any, prefixes: tuple[str, ...]) -> None:
+    """Open the legend sections whose titles start with ``prefixes``; fold the others."""
+    tree = legend.tree
+    for i in range(tree.topLevelItemCount()):
+        item = tree.topLevelItem(i)
+        item.setExpanded(item.text(0).startswith(prefixes))
+    tree.scrollToTop()
 
 
 def _process_events(seconds: float = 0.5) -> None:
@@ -130,9 +163,11 @@ def run_demo(
     _, training = viewer.window.add_plugin_dock_widget(
         "napari-sigmma", "SIGMMA training", tabify=True
     )
-    dock.parent().raise_()
-    # the legend says what each colour means: its own dock, always in view
-    _, legend = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA legend")
+    # the legend says what each colour means: a tab beside the dock and the training form,
+    # with the whole right-hand column (the training form is too tall to share it), brought
+    # to the front once the overlays are drawn
+    _, legend = viewer.window.add_plugin_dock_widget("napari-sigmma", "SIGMMA legend", tabify=True)
+    _front(dock)
     folder = Path(screenshots) if screenshots is not None else None
     written: list[Path] = []
     if folder is not None:
@@ -142,6 +177,7 @@ def run_demo(
     _zoom_to_tissue(viewer, dock)
     dock.live.setChecked(True)
     if folder is None:
+        _front(legend)
         napari.run()
         return 0
 
@@ -162,9 +198,11 @@ def run_demo(
     if not ok:
         print(f"live overlays did not finish: {dock.live_status.text()}", flush=True)
     _process_events(1.0)
+    _front(legend)
     for name, kinds in OVERLAY_SHOTS.items():
         _show_only(viewer, kinds)
         legend.refresh()
+        _focus_legend(legend, LEGEND_FOCUS[name])
         if "gene_measured" in kinds:
             # measured and predicted side by side in napari's grid view (one camera)
             from napari_sigmma.viewer.legend import side_by_side
@@ -175,6 +213,7 @@ def run_demo(
             side_by_side(viewer, False)
             continue
         written.append(save_window_screenshot(viewer, folder / name))
+    written.extend(_colour_by_screenshots(viewer, dock, legend, folder))
     for layer in _overlay_layers(viewer):
         layer.visible = True
     written.extend(_retrieval_screenshot(viewer, folder))
@@ -185,6 +224,41 @@ def run_demo(
     dock.live.setChecked(False)  # stops the controller and its workers
     _close_cleanly(viewer)
     return 0 if ok else 1
+
+
+def _colour_by_screenshots(viewer: Any, dock: Any, legend: Any, folder: Path) -> list[Path]:
+    """The micro cells and the tiles coloured by ``cell_type`` (legend) and by the mapped
+    gene (colourbar), through the shared session (what Explore's "Colour cells by" sets)."""
+    from napari_sigmma.viewer.session import session_for
+
+    ctrl = dock.controller
+    if ctrl is None or ctrl.overlays is None:
+        return []
+    session = session_for(viewer)
+    gene = ctrl.overlays.genes[0] if ctrl.overlays.genes else None
+    # the reader's cells layer (coloured by cell type) would hide what the colours say
+    table_cells = [ly for ly in viewer.layers if (ly.metadata or {}).get("element") == "table"]
+    was = [ly.visible for ly in table_cells]
+    for layer in table_cells:
+        layer.visible = False
+    shots = []
+    for name, what in (("08_cells_by_cell_type.png", "cell_type"), ("09_cells_by_gene.png", gene)):
+        if what is None or what not in (*ctrl.paired.obs.columns, *ctrl.paired.genes):
+            continue
+        session.colour_by = what
+        for layer in _overlay_layers(viewer):
+            meta = layer.metadata
+            layer.visible = meta.get("sigmma_kind") == "tile_colour" or (
+                meta.get("sigmma_kind") == "cell_clusters" and meta.get("scale") == "micro"
+            )
+        wait_for(lambda: not ctrl.busy, timeout=120)
+        legend.refresh()
+        _focus_legend(legend, LEGEND_FOCUS[name])
+        shots.append(save_window_screenshot(viewer, folder / name))
+    session.colour_by = ""
+    for layer, visible in zip(table_cells, was, strict=True):
+        layer.visible = visible
+    return shots
 
 
 def _close_cleanly(viewer: Any) -> None:
@@ -234,6 +308,9 @@ def _training_screenshot(viewer: Any, training: Any, folder: Path, out: Any) -> 
     from napari_sigmma.samples.cmu import cache_root
 
     run = Path(out or cache_root()) / "demo_widget_run"
+    # a scratch run, cancelled mid-way every time: start it afresh (the widget refuses a
+    # folder that already holds a checkpoint unless asked to resume)
+    shutil.rmtree(run, ignore_errors=True)
     training.out.setText(str(run))
     training.epochs.setValue(2)
     training.fast.setChecked(True)

@@ -198,6 +198,7 @@ class LiveController(QObject):
         self.min_draw_interval_ms = float(min_draw_interval_ms)
         self._t_change = 0.0
         self.overlays: LiveOverlays | None = None
+        self.hover: Any = None  # the status bar's SIGMMA text under the cursor
 
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
@@ -226,9 +227,16 @@ class LiveController(QObject):
             provenance=engine.provenance(),
         )
         self.overlays.deferred = True
-        from napari_sigmma.viewer.session import show_scale_bar
+        from napari_sigmma.viewer.hover import HoverStatus
+        from napari_sigmma.viewer.session import session_for, show_scale_bar
 
         show_scale_bar(viewer)
+        session = session_for(viewer)
+        self.hover = HoverStatus(
+            viewer, self.overlays, self.image_layer, scale=lambda: session.scale
+        )
+        self.shown.connect(self.hover.invalidate)
+        self.clusters_changed.connect(self.hover.invalidate)
         self.overlays.on_pending = self._drain_timer.start
         if gene_head is not None or engine.gene_head is not None:
             head = gene_head or engine.gene_head
@@ -316,6 +324,10 @@ class LiveController(QObject):
                 self._on_settled()
             else:
                 self._timer.start()
+        elif self.clusters is None and len(self.engine.memory):
+            # every tile in view was in memory (an engine shared with an earlier live
+            # view): no encoding worker will fit the clusters, so fit them here
+            self._start_refit()
 
     def _show_cached(self, ids: list[str], *, force: bool = False) -> list[str]:
         """Draw the memory-cached visible tiles now; return the ids still missing."""
@@ -559,6 +571,10 @@ class LiveController(QObject):
         self.k = int(k)
         if self.engine is None or self.closed or not len(self.engine.memory):
             return
+        self._start_refit()
+
+    def _start_refit(self) -> None:
+        """Fit the clusters on the encoded tiles in a worker and draw them."""
         # an earlier refit for another k is obsolete: stop it between fits
         self.tasks.cancel(tag="refit")
         self.tasks.start(
@@ -578,6 +594,39 @@ class LiveController(QObject):
         if head is not None and self.engine is not None and self.engine.gene_head is not head:
             self.engine.set_gene_head(head)
         self.overlays.set_genes(genes, head)
+
+    def set_colour_by(self, name: str) -> None:
+        """Colour the cells and tiles by table column or gene ``name`` (``""`` or
+        :data:`~napari_sigmma.viewer.colour_by.CLUSTERS`: by their clusters again); see
+        :meth:`LiveOverlays.set_cell_colours`."""
+        from napari_sigmma.errors import SigmmaError
+        from napari_sigmma.viewer.colour_by import CLUSTERS, colour_by
+
+        if self.overlays is None or self.closed:
+            return
+        t0 = time.perf_counter()
+        if not name or name == CLUSTERS:
+            self.overlays.set_cell_colours(None)
+        else:
+            head = self.engine.gene_head if self.engine is not None else None
+            try:
+                cb = colour_by(
+                    self.paired,
+                    name,
+                    grid=self.grid,
+                    target_sum=getattr(head, "target_sum", None),
+                    total_genes=list(head.genes) if head is not None else None,
+                )
+            except SigmmaError as err:
+                from napari.utils.notifications import show_error
+
+                self._set_status(f"SIGMMA: cannot colour by {name!r}: {err}")
+                show_error(f"SIGMMA: cannot colour by {name!r}: {err}")
+                return
+            self.overlays.set_cell_colours(cb)
+        self._log("colour_by", t0)
+        if self.hover is not None:
+            self.hover.invalidate()
 
     # -- shutdown ------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -606,6 +655,8 @@ class LiveController(QObject):
             return
         self.closed = True
         self.closing.emit()
+        if self.hover is not None:
+            self.hover.close()
         self._timer.stop()
         self._drain_timer.stop()
         self._inbox_timer.stop()

@@ -235,7 +235,12 @@ class SigmmaDock(QWidget):
             from napari_sigmma.viewer.session import model_label
 
             self._model_loader = None
-            changed = self.checkpoint is not None and self.checkpoint != path
+            # another file, or the same file rewritten (a new run into the same folder)
+            changed = self.checkpoint is not None and (
+                self.checkpoint != path
+                or getattr(self.run, "checkpoint_hash", None)
+                != getattr(run, "checkpoint_hash", None)
+            )
             self.checkpoint, self.run = path, run
             self.session.checkpoint, self.session.run = path, run
             self.status.setText(f"Model: {model_label(run, path)}")
@@ -274,7 +279,9 @@ class SigmmaDock(QWidget):
             )
 
     def clear_overlays(self) -> None:
-        """Remove the SIGMMA overlay layers (after a model change they are stale)."""
+        """Remove the SIGMMA overlay layers (after a model change they are stale: each
+        records the run and checkpoint hash that made it; the live view, when on, draws
+        new ones with the new model)."""
         stale = [
             ly
             for ly in self.viewer.layers
@@ -347,6 +354,8 @@ class SigmmaDock(QWidget):
         )
         self.controller.status_changed.connect(self._say)
         s.controller = self.controller
+        if s.colour_by:  # what the cells were coloured by before (another model, say)
+            self.controller.set_colour_by(s.colour_by)
         self._say(self.controller.status or "Live SIGMMA on.")
 
     def stop_live(self) -> None:

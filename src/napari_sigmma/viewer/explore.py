@@ -6,6 +6,9 @@ clusters on cached embeddings; ``set_genes`` maps other genes with the gene head
 control calls an encoder.
 
 - gene: which gene's maps exist, and whether the predicted or the measured one is shown;
+- colour cells by: the SIGMMA clusters, any column of the cell table or any gene (type to
+  filter); the cells layers and a ``SIGMMA tiles by <name>`` layer take its colours, with a
+  categorical legend or a colourbar (:mod:`napari_sigmma.viewer.colour_by`);
 - clusters k and which scales (micro / meso / macro) are visible;
 - edge probability threshold: learned meso / macro edges below it are hidden (alpha 0; the
   overlays encode ``p`` in the edge alpha, ``0.15 + 0.85 (p − 0.5) / 0.5``, which is read
@@ -47,6 +50,7 @@ OVERLAY_KINDS = (
     "attention",
     "gene_predicted",
     "gene_measured",
+    "tile_colour",
 )
 NO_LIVE_TEXT = "Turn on the live view in the SIGMMA dock, then press 'Connect'."
 
@@ -99,6 +103,18 @@ class ExploreWidget(QWidget):
         self.add_gene.clicked.connect(lambda: self.add_genes([self.gene.currentText()]))
         self.genes_label = QLabel("")
         self.genes_label.setWordWrap(True)
+        # colour cells (and tiles) by a column or a gene: searchable like the gene list
+        self.colour_by = QComboBox()
+        self.colour_by.setEditable(True)
+        self.colour_by.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.colour_by.setToolTip(
+            "Colour the SIGMMA cells and tiles by their clusters, a column of the cell table "
+            "or a gene (type to filter); categories get a legend, numbers a colourbar"
+        )
+        self.colour_by.activated.connect(
+            lambda _i: self.set_colour_by(self.colour_by.currentText())
+        )
+        self.colour_by.currentTextChanged.connect(self._on_colour_text)
         self.gene_kind = QComboBox()
         self.gene_kind.addItems(list(GENE_VIEWS))
         self.gene_kind.setCurrentText(self.session.gene_view)
@@ -145,6 +161,7 @@ class ExploreWidget(QWidget):
         form.addRow("Gene", gene_row)
         form.addRow("", self.genes_label)
         form.addRow("Gene map", self.gene_kind)
+        form.addRow("Colour cells by", self.colour_by)
         form.addRow("Clusters k", self.k)
         form.addRow("Scales", scales_row)
         form.addRow("Edge p ≥", self.threshold)
@@ -166,6 +183,7 @@ class ExploreWidget(QWidget):
         ev.k.connect(self._on_session_k)
         ev.scales_shown.connect(self._on_session_scales)
         ev.genes.connect(self._on_session_genes)
+        ev.colour_by.connect(self._on_session_colour_by)
         ev.controller.connect(self._on_session_controller)
         if self.session.controller is not None:
             self.set_controller(self.session.controller)
@@ -215,6 +233,7 @@ class ExploreWidget(QWidget):
             if shown:
                 self.gene.setCurrentText(shown[0])
         self.gene.blockSignals(False)
+        self._fill_colour_by(controller)
         self._show_genes(getattr(controller.overlays, "genes", None) or [])
         self._set_spin(self.k, int(controller.k))
         self.status.setText("Connected to the live view.")
@@ -296,6 +315,54 @@ class ExploreWidget(QWidget):
         if known:
             self.session.genes = tuple(dict.fromkeys([*self.session.genes, *known]))
             self.apply_gene_visibility()
+
+    def _fill_colour_by(self, controller: Any) -> None:
+        from qtpy.QtCore import Qt as _Qt
+
+        from napari_sigmma.viewer.colour_by import CLUSTERS, colour_options
+
+        paired = getattr(controller, "paired", None)
+        self.colour_by.blockSignals(True)
+        self.colour_by.clear()
+        self.colour_by.addItem(CLUSTERS)
+        if paired is not None:
+            columns, genes = colour_options(paired)
+            self.colour_by.addItems(columns)
+            self.colour_by.addItems(genes)
+        completer = self.colour_by.completer()
+        if completer is not None:  # type to filter: match anywhere in the name
+            completer.setFilterMode(_Qt.MatchFlag.MatchContains)
+            completer.setCompletionMode(completer.CompletionMode.PopupCompletion)
+        self.colour_by.setCurrentText(self.session.colour_by or CLUSTERS)
+        self.colour_by.blockSignals(False)
+
+    def _on_colour_text(self, name: str) -> None:
+        # typing filters; a complete name (chosen or typed) colours by it
+        if name and self.colour_by.findText(name) >= 0:
+            self.set_colour_by(name)
+
+    def set_colour_by(self, name: str) -> None:
+        """Colour the live view's cells and tiles by table column or gene ``name`` (the
+        clusters for :data:`~napari_sigmma.viewer.colour_by.CLUSTERS`), through the shared
+        session; the cells layers of the shown scales are shown (that is what gets
+        coloured)."""
+        from napari_sigmma.viewer.colour_by import CLUSTERS
+
+        value = "" if name == CLUSTERS else str(name)
+        self.session.colour_by = value
+        if value:
+            for s in self.session.scales_shown:
+                for layer in self.layers("cell_clusters", scale=s):
+                    layer.visible = True
+
+    def _on_session_colour_by(self, name: str) -> None:
+        from napari_sigmma.viewer.colour_by import CLUSTERS
+
+        text = name or CLUSTERS
+        if self.colour_by.currentText() != text and self.colour_by.findText(text) >= 0:
+            self.colour_by.blockSignals(True)
+            self.colour_by.setCurrentText(text)
+            self.colour_by.blockSignals(False)
 
     def _on_gene_kind(self, which: str) -> None:
         self.session.gene_view = which

@@ -6,7 +6,11 @@
   number of patches in view, and what the cluster is made of on the ST side — the most
   frequent cell types and the most enriched genes of the cells under its patches — so a
   pathologist can name it. Click one to show only its patches (napari's
-  ``show_selected_label``), click again to restore.
+  ``show_selected_label``) and, in that scale's SIGMMA cells layer, its cells; click again
+  to restore.
+- **Colour by**: the categories of the table column the cells and tiles are coloured by
+  (:mod:`napari_sigmma.viewer.colour_by`), with the cells in view; click one to show only
+  its cells. A numeric column or a gene is listed with the colour scales.
 - **Colour scales** of the continuous layers: each gene map (predicted and measured) and
   the attention head, with its range and unit (the layers also show napari's own canvas
   colourbar), and the learned-edge probability (drawn as edge opacity).
@@ -53,10 +57,11 @@ def cells_layers(viewer: Any) -> list[Any]:
 
 
 # -- cluster descriptions ------------------------------------------------------------------------
-def describe_clusters(overlays: Any, scale: str) -> list[dict[str, Any]]:
+def describe_clusters(overlays: Any, scale: str, *, genes: bool = True) -> list[dict[str, Any]]:
     """For each cluster of ``scale`` shown now: its patches in view and what the cells under
     them are (top cell types with their share, top genes by enrichment over all the cells
-    in view: mean log1p expression in the cluster minus the mean over every cell in view).
+    in view: mean log1p expression in the cluster minus the mean over every cell in view;
+    ``genes=False`` skips the genes, the costly part).
 
     Returns one dict per cluster ``{"cluster", "patches", "cells", "types", "genes"}``.
     """
@@ -83,7 +88,7 @@ def describe_clusters(overlays: Any, scale: str) -> list[dict[str, Any]]:
     if obs is not None and "cell_type" in getattr(obs, "columns", ()):
         types = np.asarray(obs["cell_type"].astype(str))
     expr = None
-    if cells.size and getattr(paired, "counts", None) is not None:
+    if genes and cells.size and getattr(paired, "counts", None) is not None:
         expr = _log1p_mean_by(paired.counts, cells, cell_lab[cells] - 1, k)
     out = []
     for c in range(k):
@@ -175,6 +180,7 @@ class LegendWidget(QWidget):
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.isolated: tuple[str, str, int] | None = None  # (group, layer/scale, index)
+        self._saved_face: dict[str, np.ndarray] = {}  # colours of an isolated points layer
         self.setObjectName("sigmma-legend")
         self.tree = QTreeWidget()
         self.tree.setColumnCount(3)
@@ -234,7 +240,10 @@ class LegendWidget(QWidget):
         self.tree.clear()
         for layer in cells_layers(self.viewer):
             self._add_categories(layer)
-        overlays = getattr(self.session.controller, "overlays", None)
+        overlays = self._overlays()
+        if overlays is not None and getattr(overlays, "cell_colours", None) is not None:
+            if overlays.cell_colours.categorical:
+                self._add_colour_categories(overlays)
         if overlays is not None and overlays.clusters is not None:
             order = [self.session.scale, *(s for s in SCALES if s != self.session.scale)]
             for scale in order:
@@ -254,6 +263,28 @@ class LegendWidget(QWidget):
             item = QTreeWidgetItem([str(name), str(count), ""])
             item.setIcon(0, _swatch(QColor(colour).getRgbF()))
             item.setData(0, ROLE, ("category", layer.name, i))
+            top.addChild(item)
+            self._mark(item)
+
+    def _overlays(self) -> Any:
+        return getattr(self.session.controller, "overlays", None)
+
+    def _add_colour_categories(self, overlays: Any) -> None:
+        """The categories the cells (and tiles) are coloured by, with the cells in view."""
+        from napari_sigmma.viewer.overlays import layer_name
+
+        cb = overlays.cell_colours
+        shown = [np.asarray(r.cell_index) for r in overlays.tiles.values()]
+        cells = np.concatenate(shown) if shown else np.zeros(0, np.int64)
+        counts = cb.counts(cells)
+        name = layer_name(f"tiles by {cb.name}")
+        top = QTreeWidgetItem([f"cells & tiles by {cb.name}", "cells", ""])
+        top.setToolTip(0, "SIGMMA cells layers and " + name)
+        self.tree.addTopLevelItem(top)
+        for i, (cat, rgb) in enumerate(zip(cb.names, cb.colours, strict=True)):
+            item = QTreeWidgetItem([str(cat), str(int(counts[i])), ""])
+            item.setIcon(0, _swatch(rgb))
+            item.setData(0, ROLE, ("colour", name, i))
             top.addChild(item)
             self._mark(item)
 
@@ -308,6 +339,19 @@ class LegendWidget(QWidget):
             rows.append(
                 (f"{scale} edge probability", "0.5 – 1", "learned edges: opacity", ramp, layer)
             )
+        overlays = self._overlays()
+        cb = getattr(overlays, "cell_colours", None)
+        if cb is not None and not cb.categorical:
+            from napari.utils.colormaps import ensure_colormap
+
+            from napari_sigmma.viewer.colour_by import NUMERIC_COLORMAP
+
+            ramp = np.asarray(ensure_colormap(NUMERIC_COLORMAP).map(np.linspace(0, 1, 32)))
+            layer = self._layer(layer_name(f"tiles by {cb.name}"))
+            what = f"cells & tiles by {'gene ' if cb.source == 'gene' else ''}{cb.name}"
+            lo, hi = cb.limits
+            if layer is not None:
+                rows.append((what, f"{lo:.2g} – {hi:.2g}", cb.units, ramp, layer))
         if not rows:
             return
         top = QTreeWidgetItem(["colour scales", "range", "unit"])
@@ -357,14 +401,29 @@ class LegendWidget(QWidget):
         return next((ly for ly in self.viewer.layers if ly.name == name), None)
 
     def _isolate(self, key: tuple[str, str, int]) -> None:
+        """Show only one category: the reader's cells of one type; one cluster's patches
+        and, in that scale's SIGMMA cells layer, its cells; the cells and tiles of one
+        category of the colour-by column."""
         group, name, index = key
         layer = self._layer(name)
+        overlays = self._overlays()
+        if group == "cluster" and overlays is not None and layer is not None:
+            overlays.isolate_cells("cluster", layer.metadata.get("scale"), index)
+        elif group == "colour" and overlays is not None:
+            overlays.isolate_cells("category", None, index)
         if layer is None:
             return
         if group == "category":
             leg = layer.metadata["legend"]
             values = np.asarray(layer.features[leg["column"]].astype(str))
-            layer.shown = values == leg["names"][index]
+            keep = values == leg["names"][index]
+            # napari 0.9 draws every point of a 2-D layer whatever ``shown`` says: the
+            # others are made transparent too (their colours are kept to restore them)
+            face = self._saved_face.setdefault(name, np.array(layer.face_color, copy=True))
+            face = face.copy()
+            face[~keep, 3] = 0.0
+            layer.face_color = face
+            layer.shown = keep
         else:
             layer.show_selected_label = True
             layer.selected_label = index + 1
@@ -372,10 +431,16 @@ class LegendWidget(QWidget):
 
     def _restore(self, key: tuple[str, str, int]) -> None:
         group, name, _ = key
+        overlays = self._overlays()
+        if group in ("cluster", "colour") and overlays is not None:
+            overlays.isolate_cells(None)
         layer = self._layer(name)
         if layer is None:
             return
         if group == "category":
+            saved = self._saved_face.pop(name, None)
+            if saved is not None and len(saved) == len(layer.data):
+                layer.face_color = saved
             layer.shown = np.ones(len(layer.data), bool)
         else:
             layer.show_selected_label = False

@@ -20,7 +20,11 @@ named ``SIGMMA <kind> <scale>`` and kept together above the H&E:
 - ``SIGMMA gene <GENE> predicted`` / ``measured`` (Image): the ridge gene head's prediction
   (micro-patch resolution) and the measured log1p expression, both on the H&E, on one
   colour scale, each with a colourbar; seen side by side in napari's grid view (see
-  :func:`napari_sigmma.viewer.legend.side_by_side`), which keeps Home framing the slide.
+  :func:`napari_sigmma.viewer.legend.side_by_side`), which keeps Home framing the slide;
+- ``SIGMMA tiles by <column or gene>`` (Image with a colourbar, or Labels for a
+  categorical column): the cells' values per micro patch, while the cells layers are
+  coloured by the same column or gene (:meth:`LiveOverlays.set_cell_colours`,
+  :mod:`napari_sigmma.viewer.colour_by`).
 
 Cluster and cell-type colours come from :mod:`napari_sigmma.viewer.palette` (Glasbey).
 
@@ -45,6 +49,15 @@ import numpy as np
 
 from napari_sigmma.analysis.clusters import ClusterSet
 from napari_sigmma.constants import SCALES
+from napari_sigmma.viewer.colour_by import (
+    CLUSTERS,
+    NUMERIC_COLORMAP,
+    ColourBy,
+    patch_means,
+    robust_range,
+    scaled_expression,
+)
+from napari_sigmma.viewer.colour_by import PER_SIDE as CB_PER_SIDE
 from napari_sigmma.viewer.palette import glasbey, label_rgba
 
 if TYPE_CHECKING:
@@ -60,6 +73,8 @@ PREFIX = "SIGMMA"
 EDGE_RGB = {"micro": (1.0, 1.0, 1.0), "meso": (0.1, 0.9, 1.0), "macro": (1.0, 0.25, 0.85)}
 EDGE_WIDTH_UM = {"micro": 0.8, "meso": 0.6, "macro": 0.5}
 CROPS = {"micro": slice(0, 16), "meso": slice(16, 20), "macro": slice(20, 21)}
+# predicted tiles sampled for a gene's colour scale (16 values each)
+GENE_RANGE_TILES = 4096
 # largest attention raster kept for the whole grid (heads × rows·h × cols·w values)
 ATTENTION_FULL_MAX = 16_000_000
 CNN_ATTENTION_TEXT = (
@@ -133,8 +148,17 @@ class Frame:
         self, px: float, origin_xy: Sequence[float] = (0.0, 0.0), ndim: int = 2
     ) -> dict[str, Any]:
         """Transform of a raster whose pixels are ``px`` level-0 pixels and whose pixel
-        ``[0, 0]`` starts at level-0 ``origin_xy``."""
-        oy, ox = float(origin_xy[1]), float(origin_xy[0])
+        ``[0, 0]`` starts at level-0 ``origin_xy``.
+
+        napari draws a layer's pixel ``i`` centred on data coordinate ``i`` (it spans
+        ``i ± 0.5``), the H&E's level-0 pixel ``p`` (the area ``[p, p + 1)`` of the grid and
+        cell coordinates) centred on ``p``: raster pixel ``i``, which covers level-0
+        ``[o + i·px, o + (i + 1)·px)``, is centred on ``o + (i + 0.5)·px − 0.5``. Without
+        that half-pixel shift a micro-patch map would sit half a patch up and left of the
+        tissue it describes.
+        """
+        shift = float(px) / 2 - 0.5
+        oy, ox = float(origin_xy[1]) + shift, float(origin_xy[0]) + shift
         lead = [1.0] * (ndim - 2)
         kw: dict[str, Any] = {
             "scale": [*lead, *(self.scale * px)],
@@ -154,6 +178,16 @@ def label_colormap(n: int) -> Any:
     colors: dict[int | None, Any] = {0: np.zeros(4, np.float32), None: np.zeros(4, np.float32)}
     for i in range(max(int(n), 64)):
         colors[i + 1] = np.r_[pal[i % len(pal)], 1.0].astype(np.float32)
+    return DirectLabelColormap(color_dict=colors)
+
+
+def category_colormap(rgb: np.ndarray) -> Any:
+    """Labels colormap: label ``i + 1`` ↔ ``rgb[i]``; 0 transparent."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    colors: dict[int | None, Any] = {0: np.zeros(4, np.float32), None: np.zeros(4, np.float32)}
+    for i, c in enumerate(np.asarray(rgb, dtype=np.float32)):
+        colors[i + 1] = np.r_[c[:3], 1.0].astype(np.float32)
     return DirectLabelColormap(color_dict=colors)
 
 
@@ -236,6 +270,14 @@ class LiveOverlays:
         self._measured: dict[str, np.ndarray] = {}
         self._gene_limits: dict[str, tuple[float, float]] = {}
         self._rasters: dict[str, np.ndarray] = {}
+        # what the cells are coloured by (None: their clusters), and which cells the
+        # legend isolated: ("cluster", scale, c) or ("category", None, code)
+        self.cell_colours: ColourBy | None = None
+        self._colour_generation = 0
+        self._isolated: tuple[str, str | None, int] | None = None
+        # predicted values of every tile drawn so far, per gene (the shared colour scale)
+        self._pred_seen: dict[str, dict[int, np.ndarray]] = {}
+        self._measured_range: dict[str, tuple[float, float]] = {}
         self._cells_yx = np.asarray(paired.cells_px, dtype=np.float64)[:, ::-1]
         # first size of the point / edge slot pools: enough for ~64 tiles of cells, so the
         # layers rarely have to grow while panning
@@ -281,6 +323,21 @@ class LiveOverlays:
                 len(names),
             )
             layers.insert(pos, layer)
+
+    def _replace_stale(self, layer: Any) -> None:
+        """Remove a layer of the same name that these overlays did not make: one left by
+        an earlier live view (its tiles, clusters or model are not these). When it was made
+        by the same model on the same slide (the live view was switched off and on), the
+        new layer keeps its visibility and opacity."""
+        old = next(
+            (ly for ly in self.viewer.layers if ly.name == layer.name and ly is not layer), None
+        )
+        if old is None or old is self.layers.get(layer.name):
+            return
+        meta = getattr(old, "metadata", {}) or {}
+        if all(meta.get(k) == self.provenance.get(k) for k in ("checkpoint_hash", "slide")):
+            layer.visible, layer.opacity = old.visible, old.opacity
+        self.viewer.layers.remove(old)
 
     # -- quiet updates ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -380,6 +437,7 @@ class LiveOverlays:
 
     # -- layer creation -------------------------------------------------------------------
     def _add(self, layer: Any) -> Any:
+        self._replace_stale(layer)
         self.layers[layer.name] = layer
         self._insert_below_points(layer)
         self._watch(layer)
@@ -563,6 +621,9 @@ class LiveOverlays:
             gene_head.gene_index(wanted)  # unknown genes raise before anything changes
         for g in self.genes:
             if g not in wanted:
+                # a gene shown again later gets new layers: fill them again
+                self._measured.pop(g, None)
+                self._gene_limits.pop(g, None)
                 for which in ("predicted", "measured"):
                     name = layer_name(f"gene {g} {which}")
                     layer = self.layers.pop(name, None)
@@ -630,20 +691,112 @@ class LiveOverlays:
     def _apply_points(self, layer: Any) -> None:
         s = layer.metadata["scale"]
         pool = self._pools.get(layer.name) or self._pools.setdefault(
-            layer.name, _SlotPool(layer, dims=1, initial=self._pool_size)
+            layer.name,
+            _SlotPool(
+                layer, dims=1, initial=self._pool_size, mask=lambda p, sc=s: self._cell_mask(sc, p)
+            ),
         )
         cs = self.clusters
         key = f"cells_{s}"
         gen = -1 if cs is None or key not in cs.centroids else cs.generation
+        colours = self.cell_colours
 
-        def build(r: TileResult) -> tuple[np.ndarray, np.ndarray]:
+        def build(r: TileResult) -> tuple[np.ndarray, ...]:
             pos = self._cells_yx[r.cell_index]
             lab = cs.predict(key, r.nodes[s]) if gen >= 0 else np.full(r.n_cells, -1)
-            return pos, point_colours(lab)
+            rgba = point_colours(lab) if colours is None else colours.rgba(r.cell_index)
+            return pos, rgba, r.cell_index, lab
 
         want = {t: r for t, r in self.tiles.items() if s in r.nodes} if self.detail else {}
-        pool.sync(want, build, generation=gen)
+        pool.sync(want, build, generation=(gen, self._colour_generation))
         layer.metadata["n_cells"] = pool.n_shown
+        layer.metadata["coloured_by"] = CLUSTERS if colours is None else colours.name
+
+    # -- colour by a column or gene; click-to-isolate on the cells ---------------------------
+    def set_cell_colours(self, colours: ColourBy | None) -> None:
+        """Colour the cells (every scale's cells layer) by ``colours`` — a table column or a
+        gene, :func:`napari_sigmma.viewer.colour_by.colour_by` — and show the tiles by it
+        (layer ``SIGMMA tiles by <name>``: mean per micro patch with a colourbar, or the most
+        frequent category); ``None``: back to the clusters (the tiles layer goes)."""
+        self.cell_colours = colours
+        self._colour_generation += 1
+        if self._isolated is not None and self._isolated[0] == "category":
+            self._isolated = None
+            self._refilter()
+        for name in [n for n in self.layers if n.startswith(layer_name("tiles by "))]:
+            layer = self.layers.pop(name)
+            self._rasters.pop(name, None)
+            self._dirty.discard(name)
+            if self.viewer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        if colours is not None:
+            self._tiles_layer(colours)
+        self._touch([layer_name("cells", s) for s in SCALES])
+
+    def _tiles_layer(self, colours: ColourBy) -> Any:
+        from napari.layers import Image, Labels
+
+        name = layer_name(f"tiles by {colours.name}")
+        raster = colours.tile_raster(self.paired, self.grid)
+        self._rasters[name] = raster
+        meta = self._meta(
+            "tile_colour", "table", colour_by=colours.name, source=colours.source,
+            categorical=colours.categorical, units=colours.units,
+        )  # fmt: skip
+        kw = self.frame.raster_kwargs(self._tile_px() / CB_PER_SIDE, self.grid.origin)
+        if colours.categorical:
+            layer = Labels(
+                raster,
+                name=name,
+                opacity=0.6,
+                colormap=category_colormap(colours.colours),
+                metadata=meta,
+                **kw,
+            )
+            layer.editable = False
+        else:
+            layer = Image(
+                raster,
+                name=name,
+                colormap=NUMERIC_COLORMAP,
+                contrast_limits=colours.limits,
+                opacity=0.75,
+                metadata=meta,
+                **kw,
+            )
+            _show_colourbar(layer)
+        return self._add(layer)
+
+    def isolate_cells(self, kind: str | None, scale: str | None = None, value: int = -1) -> None:
+        """Show only some cells in the cells layers: ``("cluster", scale, c)`` the cells of
+        cluster ``c`` in that scale's layer, ``("category", None, code)`` the cells of one
+        category of the colour-by column in every layer; ``None``: all again."""
+        self._isolated = None if kind is None else (kind, scale, int(value))
+        self._refilter()
+
+    @property
+    def isolated(self) -> tuple[str, str | None, int] | None:
+        return self._isolated
+
+    def _refilter(self) -> None:
+        for pool in self._pools.values():
+            pool.refilter()
+
+    def _cell_mask(self, scale: str, pool: _SlotPool) -> np.ndarray | None:
+        iso = self._isolated
+        if iso is None:
+            return None
+        kind, iso_scale, value = iso
+        if kind == "cluster":
+            return pool.labels == value if iso_scale == scale else None
+        colours = self.cell_colours
+        if kind == "category" and colours is not None and colours.categorical:
+            cells = pool.cells
+            keep = np.zeros(cells.size, bool)
+            ok = cells >= 0
+            keep[ok] = colours.values[cells[ok]] == value
+            return keep
+        return None
 
     def _apply_edges(self, layer: Any) -> None:
         s = layer.metadata["scale"]
@@ -780,6 +933,8 @@ class LiveOverlays:
             pred = self._gene_layer(pname, n, "predicted", g)
             meas = self._gene_layer(mname, n, "measured", g)
             blocks = [(*self._rc(r), np.full((n, n), np.nan, np.float32)) for r in removed]
+            seen = self._pred_seen.setdefault(g, {})
+            n_seen = len(seen)
             for r in added:
                 if r.genes_pred is None:
                     head.apply([r])
@@ -788,31 +943,51 @@ class LiveOverlays:
                 else:
                     vals = np.full((n, n), r.genes_pred[j], np.float32)
                 blocks.append((*self._rc(r), vals))
+                seen[int(r.index)] = vals
             self._write_raster(pname, blocks, np.nan)
             if g not in self._measured:
-                self._measured[g] = self._measured_map(g, n, head.target_sum)
-                self._gene_limits[g] = _limits(self._measured[g].ravel())
+                self._measured[g] = self._measured_map(g, n, head)
+                self._measured_range[g] = robust_range(self._measured[g])
                 self._rasters[mname][:] = self._measured[g]
                 self._touch([mname])
-            if tuple(pred.contrast_limits) != self._gene_limits[g]:
-                # one fixed colour scale per gene (from the measured map), shared by both
-                for ly in (pred, meas):
-                    ly.contrast_limits = self._gene_limits[g]
+            if g not in self._gene_limits or len(seen) > n_seen:
+                self._update_gene_limits(g, (pred, meas))
 
-    def _measured_map(self, gene: str, n: int, target_sum: float) -> np.ndarray:
-        """Measured log1p expression of ``gene`` on every tile (NaN without cells)."""
-        from napari_sigmma.analysis.genehead import measured_expression
+    def _update_gene_limits(self, gene: str, layers: tuple[Any, ...]) -> None:
+        """One colour scale for a gene's measured and predicted maps: each map's 1st–99th
+        percentile range, joined (so neither map is clipped at more than 1 % of its values
+        at either end, and a flat prediction is not washed out by the measured range),
+        over the measured map of every tile and the predictions of every tile drawn so far.
+        The scale is only changed when it moved by more than 2 % of its width."""
+        seen = self._pred_seen.get(gene, {})
+        blocks = list(seen.values())
+        if len(blocks) > GENE_RANGE_TILES:  # a fixed sample keeps this a few ms per batch
+            pick = np.random.default_rng(0).choice(len(blocks), GENE_RANGE_TILES, replace=False)
+            blocks = [blocks[i] for i in np.sort(pick)]
+        m_lo, m_hi = self._measured_range[gene]
+        lo, hi = m_lo, m_hi
+        if blocks:
+            p_lo, p_hi = robust_range(np.concatenate([b.ravel() for b in blocks]))
+            lo, hi = min(m_lo, p_lo), max(m_hi, p_hi)
+        old = self._gene_limits.get(gene)
+        if old is not None:
+            tol = 0.02 * max(old[1] - old[0], 1e-6)
+            if abs(old[0] - lo) <= tol and abs(old[1] - hi) <= tol:
+                return
+        self._gene_limits[gene] = (lo, hi)
+        for ly in layers:
+            ly.contrast_limits = (lo, hi)
+            ly.metadata["colour_range"] = "1st-99th percentile of each map, joined"
 
-        expr, counts = measured_expression(
-            self.paired, self.grid, genes=[gene], target_sum=target_sum, micro=n == 4
+    def _measured_map(self, gene: str, n: int, head: GeneHead) -> np.ndarray:
+        """Measured log1p expression of ``gene`` per tile (``n = 1``) or micro patch
+        (``n = 4``) of every tile (NaN without cells): each cell scaled over the head's
+        genes to its ``target_sum`` (how the head's targets were made), averaged, log1p.
+        One pass over the cells."""
+        scaled = scaled_expression(
+            self.paired, gene, target_sum=head.target_sum, total_genes=list(head.genes)
         )
-        out = np.full(self._raster_shape(n), np.nan, np.float32)
-        vals = expr[..., 0]
-        for k in range(len(self.grid)):
-            rr, cc = int(self.grid.rows[k]), int(self.grid.cols[k])
-            v = np.where(counts[k] > 0, vals[k], np.nan).reshape(n, n)
-            out[rr * n : (rr + 1) * n, cc * n : (cc + 1) * n] = v
-        return out
+        return np.log1p(patch_means(self.paired, self.grid, scaled, per_side=n))
 
     # -- introspection (tests, status) ------------------------------------------------------
     @property
@@ -829,11 +1004,13 @@ class _SlotPool:
 
     Rebuilding a points layer's data each time the view moves costs napari a full
     re-validation; here tiles get slots in a preallocated array, tiles that leave free
-    theirs (hidden: ``shown = False`` for points, zero-length transparent vectors), and
-    one refresh uploads the change. The arrays only grow (doubling) when full.
+    theirs (hidden: transparent points — and ``shown = False`` —, zero-length transparent
+    vectors), and one refresh uploads the change. The arrays only grow (doubling) when
+    full. (napari 0.9 draws every point of a 2-D points layer whatever its ``shown``
+    says, so a hidden point is also made transparent: ``rgba`` keeps the true colours.)
     """
 
-    def __init__(self, layer: Any, *, dims: int, initial: int = 256) -> None:
+    def __init__(self, layer: Any, *, dims: int, initial: int = 256, mask: Any = None) -> None:
         self.layer = layer
         self.initial = max(int(initial), 16)
         self.vectors = dims == 2
@@ -842,6 +1019,13 @@ class _SlotPool:
         self.cap = 0
         self.generation: Any = None
         self.n_shown = 0
+        # points: the cell (global index) and cluster of every slot (-1: none), and
+        # ``mask(pool) -> bool (cap,) | None``, which of the used slots are shown (the
+        # legend's click-to-isolate)
+        self.cells = np.zeros(0, np.int64)
+        self.labels = np.zeros(0, np.int64)
+        self.rgba = np.zeros((0, 4), np.float32)
+        self.mask = mask
 
     def _data(self) -> np.ndarray:
         return self.layer.data
@@ -873,6 +1057,10 @@ class _SlotPool:
         shown = np.zeros(new_cap, bool)
         if not self.vectors and self.cap:
             shown[: self.cap] = self.layer.shown[: self.cap]
+        if not self.vectors:
+            self.cells = np.r_[self.cells, np.full(new_cap - self.cap, -1, np.int64)]
+            self.labels = np.r_[self.labels, np.full(new_cap - self.cap, -1, np.int64)]
+            self.rgba = np.r_[self.rgba, np.zeros((new_cap - self.cap, 4), np.float32)]
         self.free.append(np.arange(self.cap, new_cap))
         self.cap = new_cap
         layer = self.layer
@@ -889,7 +1077,8 @@ class _SlotPool:
         layer.refresh(thumbnail=False, extent=False, highlight=False)
 
     def sync(self, want: dict[str, Any], build: Any, *, generation: Any) -> None:
-        """Show exactly the tiles in ``want``; ``build(result) -> (data, rgba)``."""
+        """Show exactly the tiles in ``want``; ``build(result) -> (data, rgba)`` (points:
+        ``(data, rgba, cells, labels)``)."""
         regen = generation != self.generation
         self.generation = generation
         gone = [t for t in self.slots if t not in want or regen]
@@ -912,25 +1101,46 @@ class _SlotPool:
         if self.vectors and hidden.size:
             data[hidden] = 0.0
             cols[hidden, 3] = 0.0
-        for t, (d, c) in built.items():
+        for t, b in built.items():
+            d, c = b[0], b[1]
             idx = self._take(len(d))
             self.slots[t] = idx
             data[idx] = d
-            cols[idx] = c
-        self.n_shown = sum(len(v) for v in self.slots.values())
-        emitter = layer.events.edge_color if self.vectors else layer.events.face_color
-        with emitter.blocker():
             if self.vectors:
-                layer.edge_color = cols
+                cols[idx] = c
             else:
-                layer.face_color = cols
+                self.rgba[idx] = c
+                self.cells[idx], self.labels[idx] = b[2], b[3]
+        self.n_shown = sum(len(v) for v in self.slots.values())
         if self.vectors:
+            with layer.events.edge_color.blocker():
+                layer.edge_color = cols
             layer.refresh(thumbnail=False, extent=False, highlight=False)
         else:
-            shown = np.zeros(self.cap, bool)
-            if self.slots:
-                shown[np.concatenate(list(self.slots.values()))] = True
-            layer.shown = shown
+            self.refilter()
+
+    def shown(self) -> np.ndarray:
+        """``(cap,)`` the slots in use that ``mask`` lets through."""
+        shown = np.zeros(self.cap, bool)
+        if self.slots:
+            shown[np.concatenate(list(self.slots.values()))] = True
+        keep = self.mask(self) if self.mask is not None else None
+        if keep is not None:
+            shown &= keep
+        return shown
+
+    def refilter(self) -> None:
+        """Show the used slots that ``mask`` lets through (a changed mask, new tiles):
+        the others are transparent (and not ``shown``)."""
+        if self.vectors or not self.cap:
+            return
+        shown = self.shown()
+        face = self.rgba.copy()
+        face[~shown, 3] = 0.0
+        layer = self.layer
+        with layer.events.face_color.blocker():
+            layer.face_color = face
+        layer.shown = shown  # refreshes the view: the new colours go with it
 
 
 def _show_colourbar(layer: Any) -> None:
@@ -942,13 +1152,3 @@ def _show_colourbar(layer: Any) -> None:
 
 def _hex(rgb: Sequence[float]) -> str:
     return "#" + "".join(f"{round(255 * v):02x}" for v in rgb)
-
-
-def _limits(values: np.ndarray) -> tuple[float, float]:
-    v = values[np.isfinite(values)]
-    if v.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(np.percentile(v, 1)), float(np.percentile(v, 99))
-    if hi <= lo:
-        hi = lo + 1e-3
-    return lo, hi

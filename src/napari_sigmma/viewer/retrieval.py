@@ -184,6 +184,7 @@ class RetrievalWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         # queries never build an IVF (seconds at 1M tiles) on the GUI thread: workers do
+        self._ivf_min_size = ivf_min_size
         self.store = RetrievalStore(ivf_min_size=ivf_min_size, build_in_query=False)
         self._prepare_worker: Any = None
         self.engine: EmbeddingEngine | None = None
@@ -208,6 +209,9 @@ class RetrievalWidget(QWidget):
         self.scale.setCurrentText(self.session.scale)  # what the live view shows
         self.scale.currentTextChanged.connect(self._on_scale_box)
         self.session.events.scale.connect(self._on_session_scale)
+        # following the live view: a new live view (another model) is followed too
+        self._follow_live = False
+        self.session.events.controller.connect(self._on_session_controller)
         self.scale.setToolTip("Embedding scale compared (the contrastive loss aligns each)")
         self.top_k = QSpinBox()
         self.top_k.setRange(1, 100)
@@ -292,15 +296,26 @@ class RetrievalWidget(QWidget):
             self.scale.setCurrentText(scale)
 
     def attach_live(self) -> bool:
-        """Use the engine of the SIGMMA dock's live view (and follow its new tiles)."""
+        """Use the engine of the SIGMMA dock's live view (and follow its new tiles, and the
+        next live view when the model changes)."""
         ctrl = find_live_controller(self.viewer)
         if ctrl is None:
             self._say(NO_ENGINE_TEXT)
             return False
+        if self._controller is not None and self._controller is not ctrl:
+            try:
+                self._controller.shown.disconnect(self._on_live_shown)
+            except (RuntimeError, TypeError):
+                pass
         self.set_engine(ctrl.engine, ctrl.image_layer)
         self._controller = ctrl
+        self._follow_live = True
         ctrl.shown.connect(self._on_live_shown)
         return True
+
+    def _on_session_controller(self, ctrl: Any) -> None:
+        if ctrl is not None and self._follow_live and ctrl is not self._controller:
+            self.attach_live()
 
     def _on_live_shown(self, tile_ids: list[str]) -> None:
         """Tiles the live view drew: add their embeddings (cache lookups, no encoding)."""
@@ -360,6 +375,12 @@ class RetrievalWidget(QWidget):
         folder) and those already in the engine's memory are loaded at once.
         """
         self._unhook_click()
+        old = getattr(self.engine, "checkpoint_hash", None)
+        if self.engine is not None and old != getattr(engine, "checkpoint_hash", None):
+            # another model: the embeddings and the last matches describe the old one
+            self.store = RetrievalStore(ivf_min_size=self._ivf_min_size, build_in_query=False)
+            self.matches, self.context, self.last_query = [], None, {}
+            self.table.setRowCount(0)
         self.engine = engine
         self.image_layer = image_layer
         self.slide_name = slide_name or engine.paired.name
@@ -654,11 +675,22 @@ class RetrievalWidget(QWidget):
             scale=tuple(il.scale[-2:]),
             translate=tuple(il.translate[-2:]),
             units=tuple(il.units[-2:]),
-            metadata={"sigmma_kind": "retrieval", "slide": self.slide_name},
+            metadata={
+                "sigmma_kind": "retrieval",
+                **self._provenance(),
+                "slide": self.slide_name,
+            },
         )
         with keep_selection(self.viewer):
             self.viewer.add_layer(layer)
         return layer
+
+    def _provenance(self) -> dict[str, str]:
+        """The run and checkpoint hash of the model the matches come from."""
+        prov = getattr(self.engine, "provenance", None)
+        if not callable(prov):
+            return {}
+        return {k: v for k, v in prov().items() if k != "slide"}  # slide: the widget's name
 
     def show_matches(self, matches: list[Match], *, query_tiles: list[int]) -> None:
         """Outline the query tile(s) and the matches on this slide; fill the table."""
@@ -694,6 +726,7 @@ class RetrievalWidget(QWidget):
             layer.features = {"label": text}
             layer.text = {"string": "{label}", "color": "white", "size": 10, "anchor": "upper_left"}
         layer.metadata["matches"] = [(m.slide, m.tile_id, m.similarity) for m in matches]
+        layer.metadata.update(self._provenance())  # a reused layer: the model of these
         self._fill_table(matches)
 
     def _fill_table(self, matches: list[Match]) -> None:
@@ -748,6 +781,8 @@ class RetrievalWidget(QWidget):
                 pass
             self._controller = None
         self.session.events.scale.disconnect(self._on_session_scale)
+        self.session.events.controller.disconnect(self._on_session_controller)
+        self._follow_live = False
 
     def closeEvent(self, event: Any) -> None:
         self.close_workers()

@@ -3,14 +3,15 @@
 The dock, Explore, the legend and the retrieval widget read and write one :class:`Session`
 (looked up with :func:`session_for`) instead of finding each other among napari's dock
 widgets, so they never disagree: the number of clusters ``k``, the scale, the genes, the
-attention head and which scales' overlays are shown live here, with an event per field
-(psygnal's evented dataclass: ``session.events.k.connect(...)``). Plain Python, no Qt.
+attention head, which scales' overlays are shown and what the cells are coloured by live
+here, with an event per field (psygnal's evented dataclass:
+``session.events.k.connect(...)``). Plain Python, no Qt.
 
 The session also carries the live view's controller (set by the dock when the live view
 starts, ``None`` when it stops): widgets that follow it connect to
-``session.events.controller``. Changing ``k`` or ``genes`` reaches the controller here, once,
-whichever widget changed it. Nothing here changes a layer: a widget that opens only reads
-the session.
+``session.events.controller``. Changing ``k``, ``genes`` or ``colour_by`` reaches the
+controller here, once, whichever widget changed it. Nothing here changes a layer: a widget
+that opens only reads the session.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ class Session:
         Attention head shown.
     scales_shown
         Scales whose cluster / cell / edge overlays are shown.
+    colour_by
+        The table column or gene the live view's cells and tiles are coloured by (``""``:
+        their clusters).
     checkpoint, run
         The model loaded in the dock (path and :class:`~napari_sigmma.live.run.LiveRun`).
     controller
@@ -57,6 +61,7 @@ class Session:
     gene_view: str = "predicted"
     head: int = 0
     scales_shown: tuple[str, ...] = ("micro",)
+    colour_by: str = ""
     checkpoint: str | None = None
     run: Any = None
     controller: Any = None
@@ -121,7 +126,8 @@ def session_for(viewer: Any) -> Session:
 
 
 def _wire(session: Session) -> None:
-    """Forward ``k`` and ``genes`` to the live controller, whoever changed them."""
+    """Forward ``k``, ``genes`` and ``colour_by`` to the live controller, whoever changed
+    them."""
 
     def on_k(k: int) -> None:
         ctrl = session.controller
@@ -132,6 +138,11 @@ def _wire(session: Session) -> None:
         ctrl = session.controller
         if ctrl is not None and genes and not getattr(ctrl, "closed", False):
             ctrl.set_genes(list(genes))
+
+    def on_colour_by(name: str) -> None:
+        ctrl = session.controller
+        if ctrl is not None and not getattr(ctrl, "closed", False):
+            ctrl.set_colour_by(name)
 
     def on_scales(scales: tuple[str, ...]) -> None:
         bad = [s for s in scales if s not in SCALES]
@@ -153,4 +164,5 @@ def _wire(session: Session) -> None:
     session.events.controller.connect(on_controller)
     session.events.k.connect(on_k)
     session.events.genes.connect(on_genes)
+    session.events.colour_by.connect(on_colour_by)
     session.events.scales_shown.connect(on_scales)
