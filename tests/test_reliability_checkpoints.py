@@ -81,7 +81,31 @@ def test_load_checkpoint_refuses(evil: tuple[Path, Path]) -> None:
     path, marker = evil
     with pytest.raises(SigmmaError, match="cannot load checkpoint") as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    # torch's own refusal, cut to one line, reads as advice to load unsafely, and carries
+    # terminal colour codes: the message says what it means instead
+    assert "Python objects" in msg and "Re-running" not in msg and "\x1b" not in msg, msg
+    assert not marker.exists()
+
+
+def test_cli_refusal_is_one_line_on_a_real_terminal(evil: tuple[Path, Path], tmp_path: Path):
+    """As a user runs it (a fresh process, Python's default warnings): stderr holds the
+    error line only: no torch_geometric deprecation, no pickle-protocol note before it."""
+    import os
+
+    path, marker = evil
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    argv = ["embed", "--data", str(data), "--checkpoint", str(path), "--out", str(tmp_path / "o")]
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_sigmma", *argv, "--quiet"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    err = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(err) == 1, err
+    assert str(path) in err[0] and "Python objects" in err[0], err
     assert not marker.exists()
 
 

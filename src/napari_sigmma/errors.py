@@ -53,3 +53,28 @@ def check_cancel(cancel: CancelLike) -> None:
     """Raise :class:`Cancelled` when ``cancel`` says stop (call between chunks of work)."""
     if is_cancelled(cancel):
         raise Cancelled()
+
+
+_ANSI = None
+
+
+def foreign_reason(err: BaseException, *, limit: int = 160) -> str:
+    """One clean line saying why a third-party reader refused a file, for a SigmmaError.
+
+    Terminal colour codes are removed and only the first line is kept. torch's refusal of a
+    pickle with code in it (``weights_only``) is replaced by what it means, because its own
+    text, cut to one line, reads as advice to load the file unsafely.
+    """
+    import pickle
+    import re
+
+    global _ANSI
+    if _ANSI is None:
+        _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+    if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+        return "it holds Python objects beyond tensors and plain values"
+    text = _ANSI.sub("", str(err)).strip()
+    first = (text.splitlines() or [""])[0].strip()
+    if len(first) > limit:
+        first = first[: limit - 1].rstrip() + "…"
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

@@ -101,10 +101,16 @@ def check_embed_out(out: Path, paths: list[Path], *, overwrite: bool) -> None:
     for p in paths:
         d = Path(p).absolute().resolve()
         if o == d or d in o.parents or o in d.parents:
-            where = "the data set" if o == d else "inside" if d in o.parents else "around"
+            where = (
+                f"the data folder {d} itself"
+                if o == d
+                else f"inside the data {d}"
+                if d in o.parents
+                else f"a folder that holds the data {d}"
+            )
             raise SigmmaError(
-                f"--out is {where} the data {d}: the store would be written into (or over) "
-                "the input; choose an --out outside the data",
+                f"--out is {where}: the store would be written into (or over) the input; "
+                "choose an --out outside the data",
                 path=out,
             )
     if out.exists() and not overwrite:

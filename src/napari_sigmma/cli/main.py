@@ -29,8 +29,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Third-party warnings that say nothing to a user of this command (each names a library
+#: detail, not the user's data) and would push the one-line error off the screen: zarr's
+#: format notices, torch_geometric's import-time ``torch.jit`` deprecation, torch's pickle
+#: protocol note before a refused checkpoint. ``(message prefix, category)``.
+QUIET_WARNINGS: tuple[tuple[str, str], ...] = (
+    ("zarr v3 autosharding", "UserWarning"),
+    ("Object at ", "Warning"),  # zarr: "... is not recognized as a component of a Zarr hierarchy"
+    ("`torch.jit.script` is deprecated", "FutureWarning"),
+    ("Detected pickle protocol", "UserWarning"),
+)
+
+
+def quiet_third_party_warnings() -> None:
+    """Ignore :data:`QUIET_WARNINGS` here and in child processes (dask workers inherit
+    ``PYTHONWARNINGS``); our own warnings and notes still print."""
+    import builtins
+    import os
+    import warnings
+
+    specs = []
+    for prefix, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=prefix, category=getattr(builtins, category))
+        if ":" not in prefix and "," not in prefix:
+            specs.append(f"ignore:{prefix}:{category}")
+    have = [x for x in os.environ.get("PYTHONWARNINGS", "").split(",") if x]
+    os.environ["PYTHONWARNINGS"] = ",".join(have + [x for x in specs if x not in have])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-sigmma`` command."""
+    quiet_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)

@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
         raise SigmmaError("--resume needs --out: the run folder to continue")
     cfg = build_train_config(args)
     if not cfg.data:
-        raise SigmmaError("no data: pass --data")
+        cfg_file = getattr(args, "config", None)
+        raise SigmmaError(
+            "no data: pass --data, or list the data folders under 'data:' in the config",
+            path=cfg_file,
+        )
     progress.set_enabled(not getattr(args, "quiet", False))
     _say(
         f"training {cfg.model.backbone} ({cfg.model.finetune}) on {len(cfg.data)} slide(s) "

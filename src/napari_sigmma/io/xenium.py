@@ -475,8 +475,8 @@ def _attach_he(bundle: XeniumBundle, keypoints_fixed_units: Literal["px", "um"])
     he_path = _find_he(folder)
     if he_path is None:
         raise SigmmaError(
-            f"no H&E image (*{xf.HE_IMAGE_SUFFIX}) in the bundle; read with he=False for the "
-            "transcriptomics only",
+            f"no H&E image (*{xf.HE_IMAGE_SUFFIX}) in the bundle: copy it back with its "
+            "alignment CSV, under the name Xenium writes (a renamed file is not found)",
             path=folder,
         )
     axes, shape, dtype = _check_tiff(he_path)

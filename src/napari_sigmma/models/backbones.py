@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import SigmmaError, foreign_reason
 
 if TYPE_CHECKING:
     import torch
@@ -324,7 +324,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and storage errors all mean "not a checkpoint"
         raise SigmmaError(
-            f"cannot read checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"cannot read checkpoint ({foreign_reason(err)}); "
             "the file is corrupt or not a PyTorch weights file",
             path=p,
         ) from err

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_sigmma.errors import SigmmaError
+from napari_sigmma.errors import SigmmaError, foreign_reason
 
 if TYPE_CHECKING:
     from napari_sigmma.train.config import TrainConfig
@@ -427,10 +427,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for corrupt / foreign files
-        # torch's weights_only refusal is many lines long: keep one (CLI messages are one line)
-        first = (str(err).strip().splitlines() or [""])[0][:200]
         raise SigmmaError(
-            f"cannot load checkpoint ({type(err).__name__}: {first}); the file is corrupt, "
+            f"cannot load checkpoint ({foreign_reason(err)}); the file is corrupt, "
             "truncated or holds more than plain tensors (refused without running it)",
             path=path,
         ) from err
