@@ -321,7 +321,7 @@ def test_hover_names_cluster_cell_type_and_value(make_napari_viewer, qtbot, tiny
     gene = ov.genes[0]
     pred = viewer.layers[layer_name(f"gene {gene} predicted")]
     pred.visible = True
-    qtbot.wait(50)
+    _settle(qtbot, ctl)  # a shown layer is brought up to date
     value = float(pred.get_value(world, world=True))
     text = _status_at(viewer, world, pred)
     assert f"{gene} predicted: {value:.3g} (log1p)" in text, text
@@ -330,7 +330,7 @@ def test_hover_names_cluster_cell_type_and_value(make_napari_viewer, qtbot, tiny
     # attention: the head and its value
     att = viewer.layers[layer_name("attention")]
     att.visible = True
-    qtbot.wait(50)
+    _settle(qtbot, ctl)
     value = float(att.get_value(world, world=True))
     assert f"attention head 0: {value:.2f}" in _status_at(viewer, world, att)
 
