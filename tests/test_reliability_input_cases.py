@@ -390,6 +390,37 @@ def test_rgba_he_drops_alpha_with_a_note(tmp_path: Path) -> None:
     np.testing.assert_array_equal(slide.read_region(0, 0, 8, 8), rgba[:8, :8, :3])
 
 
+def test_a_note_reaches_the_terminal_as_one_line(tmp_path: Path) -> None:
+    """The RGBA note as a user sees it (a fresh process, Python's default warnings): ``check``
+    lists it once, naming the file once, with nothing from Python on stderr; and a note that
+    a command prints while it works is one line in the CLI's own form."""
+    import os
+    import warnings
+
+    from napari_sigmma.cli.main import _one_line_warnings
+
+    rgba = np.zeros((300, 400, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 180, 7
+    path = _tif(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    res = subprocess.run(
+        [sys.executable, "-m", "napari_sigmma", "check", str(path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    notes = [ln for ln in res.stdout.splitlines() if "alpha channel is dropped" in ln]
+    assert notes == [f"note: {path}: RGBA image: the alpha channel is dropped and the RGB "
+                     "channels are used"], res.stdout  # fmt: skip
+    assert not [ln for ln in res.stderr.splitlines() if ln.strip()], res.stderr
+
+    saved = warnings.formatwarning
+    try:
+        _one_line_warnings("napari-sigmma embed")
+        line = warnings.formatwarning(UserWarning(f"{path}: a\nnote"), UserWarning, "x.py", 3)
+    finally:
+        warnings.formatwarning = saved
+    assert line == f"napari-sigmma embed: warning: {path}: a note\n"
+
+
 @pytest.mark.parametrize(
     ("arr", "kw", "words"),
     [

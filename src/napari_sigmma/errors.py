@@ -75,6 +75,9 @@ def foreign_reason(err: BaseException, *, limit: int = 160) -> str:
         return "it holds Python objects beyond tensors and plain values"
     text = _ANSI.sub("", str(err)).strip()
     first = (text.splitlines() or [""])[0].strip()
+    stop = first.find(". ")
+    if 0 < stop < limit:  # one whole sentence rather than a cut one
+        first = first[: stop + 1]
     if len(first) > limit:
         first = first[: limit - 1].rstrip() + "…"
     return f"{type(err).__name__}: {first}" if first else type(err).__name__

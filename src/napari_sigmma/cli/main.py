@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from napari_sigmma.errors import SigmmaError
 
@@ -57,6 +58,18 @@ def quiet_third_party_warnings() -> None:
     os.environ["PYTHONWARNINGS"] = ",".join(have + [x for x in specs if x not in have])
 
 
+def _one_line_warnings(prefix: str) -> None:
+    """Print the warnings that do reach the user (the project's notes: an RGBA H&E, a few
+    cells on the H&E, …) as one line each, like the errors, not Python's file:line form."""
+    import warnings
+
+    def show(message: Any, category: Any, filename: str, lineno: int, *a: Any, **k: Any) -> str:
+        text = " ".join(str(message).split())
+        return f"{prefix}: warning: {text}\n"
+
+    warnings.formatwarning = show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``napari-sigmma`` command."""
     quiet_third_party_warnings()
@@ -66,8 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
+    import warnings
+
     from napari_sigmma import progress
 
+    saved_format = warnings.formatwarning
+    _one_line_warnings(f"napari-sigmma {args.command}")
     try:
         return int(func(args) or 0)
     except SigmmaError as err:
@@ -78,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     finally:
         progress.set_enabled(False)  # a subcommand's bars end with it (tests call main twice)
+        warnings.formatwarning = saved_format
 
 
 if __name__ == "__main__":  # pragma: no cover

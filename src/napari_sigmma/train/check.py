@@ -129,9 +129,15 @@ def _check_data(path: Path) -> list[Finding]:
         except SigmmaError as err:
             out.append(_err_finding(err, path, _SLIDE_TODO if kind == "slide" else _DATA_TODO))
             grid = None
+    seen: set[str] = set()
     for w in caught:  # the readers' own notes name the file (third-party noise does not)
         msg = str(w.message)
-        if issubclass(w.category, UserWarning) and path.name in msg:
+        if not (issubclass(w.category, UserWarning) and path.name in msg):
+            continue
+        for prefix in (f"{os.fspath(path)}: ", f"{path.name}: "):  # the Finding names it
+            msg = msg.removeprefix(prefix)
+        if msg not in seen:  # the same note from two readers of one file
+            seen.add(msg)
             out.append(Finding(os.fspath(path), msg, "nothing, if expected", note=True))
     if grid is None:
         return out

@@ -205,8 +205,11 @@ class TrainConfig:
         try:
             d = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            why = str(err).replace("\n", " ")
-            raise SigmmaError(f"not valid YAML: {why}", path=path) from err
+            # the parser's own text is several lines with a caret drawing: keep where and what
+            mark = getattr(err, "problem_mark", None)
+            what = getattr(err, "problem", None) or " ".join(str(err).split())
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise SigmmaError(f"not valid YAML ({where}{what})", path=path) from err
         if d is None:
             raise SigmmaError(
                 "the config file is empty: write the settings to change (e.g. 'epochs: 5'), "

@@ -256,7 +256,8 @@ def _open_checkpoint(cfg: TrainConfig, files: _RunFiles, resume: bool) -> dict |
         return ckpt
     if files.last.exists():
         raise SigmmaError(
-            "the run folder already holds a checkpoint; use resume or another folder",
+            "the run folder already holds a checkpoint; continue it with --resume (Resume in the "
+            "training widget) or choose another folder",
             path=files.run,
         )
     return None
