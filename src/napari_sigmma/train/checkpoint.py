@@ -462,6 +462,14 @@ def model_from_checkpoint(
         )
         model = SigmmaModel(build_cfg, int(ckpt["n_node_features"]), int(ckpt["n_genes"]))
         model.cfg = mcfg
+        missing, unexpected = _key_mismatch(model.state_dict(), ckpt["model"])
+        if missing or unexpected:  # torch would list every key: say how many, show a few
+            raise SigmmaError(
+                f"checkpoint does not match its model: {len(missing)} weights missing "
+                f"(e.g. {missing[0] if missing else '–'}), {len(unexpected)} not expected "
+                f"(e.g. {unexpected[0] if unexpected else '–'}); the file was edited or mixes "
+                "two models"
+            )
         model.load_state_dict(ckpt["model"])
         model.apply_finetune_policy()
         feat = NodeFeaturizer.from_arrays(ckpt["features"])
@@ -562,3 +570,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         with contextlib.suppress(RuntimeError):
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _key_mismatch(want: dict[str, Any], have: Any) -> tuple[list[str], list[str]]:
+    """Weight names the model needs but the file lacks, and names it has but the model
+    does not need (both sorted)."""
+    have_keys = set(have) if isinstance(have, dict) else set()
+    return sorted(set(want) - have_keys), sorted(have_keys - set(want))
