@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 
@@ -55,7 +56,8 @@ def check_cancel(cancel: CancelLike) -> None:
         raise Cancelled()
 
 
-_ANSI = None
+#: terminal colour codes some libraries put into their exception text
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def foreign_reason(err: BaseException, *, limit: int = 160) -> str:
@@ -66,11 +68,7 @@ def foreign_reason(err: BaseException, *, limit: int = 160) -> str:
     text, cut to one line, reads as advice to load the file unsafely.
     """
     import pickle
-    import re
 
-    global _ANSI
-    if _ANSI is None:
-        _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
     if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
         return "it holds Python objects beyond tensors and plain values"
     text = _ANSI.sub("", str(err)).strip()
