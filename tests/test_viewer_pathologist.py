@@ -244,7 +244,13 @@ def _live(make_napari_viewer, qtbot, t, *, k: int = 4):
     viewer.camera.zoom = max(viewer.canvas.size) / (3 * (x1 - x0) * t.paired.he_mpp)
     ctl = LiveController(viewer, he, t.engine, k=k, debounce_ms=30, gene_head=t.head)
     session_for(viewer).controller = ctl
-    qtbot.waitUntil(lambda: not ctl.busy and bool(ctl.overlays.shown_tiles()), timeout=120_000)
+    # drawn: tiles shown and the clusters fitted (the refit worker starts once the encode
+    # worker has ended, so "not busy" alone can fall in the gap between the two)
+    qtbot.waitUntil(
+        lambda: not ctl.busy and bool(ctl.overlays.shown_tiles()) and ctl.clusters is not None,
+        timeout=120_000,
+    )
+    _settle(qtbot, ctl)
     return viewer, he, cells, ctl
 
 
