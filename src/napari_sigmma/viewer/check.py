@@ -94,11 +94,9 @@ class CheckWidget(QWidget):
 
     # ------------------------------------------------------------------ inputs
     def _default_path(self) -> str:
-        for layer in self.viewer.layers:
-            path = layer.metadata.get("sdata_path") if hasattr(layer, "metadata") else None
-            if path:
-                return str(path)
-        return ""
+        from napari_sigmma.viewer.session import opened_data_path
+
+        return opened_data_path(self.viewer)
 
     def _choose_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Data folder or run folder")

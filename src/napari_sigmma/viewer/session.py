@@ -166,3 +166,13 @@ def _wire(session: Session) -> None:
     session.events.genes.connect(on_genes)
     session.events.colour_by.connect(on_colour_by)
     session.events.scales_shown.connect(on_scales)
+
+
+def opened_data_path(viewer: Any) -> str:
+    """The data folder of the first layer the plugin's readers opened (its ``sdata_path``
+    metadata), or ``""``: the default data of the training and check docks."""
+    for layer in viewer.layers:
+        path = layer.metadata.get("sdata_path") if hasattr(layer, "metadata") else None
+        if path:
+            return str(path)
+    return ""

@@ -281,11 +281,9 @@ class TrainingWidget(QWidget):
 
     # ------------------------------------------------------------------ config
     def _default_data(self) -> str:
-        for layer in self.viewer.layers:
-            path = layer.metadata.get("sdata_path") if hasattr(layer, "metadata") else None
-            if path:
-                return str(path)
-        return ""
+        from napari_sigmma.viewer.session import opened_data_path
+
+        return opened_data_path(self.viewer)
 
     def config(self) -> Any:
         """The :class:`TrainConfig` the form describes."""
